@@ -1,0 +1,28 @@
+# Two entry points: `make demo` (the main job) and `make test` (the suite). Each sets up .venv itself.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml requirements-dev.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements-dev.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+# The embedded example: a tiny Llama, its CPU "ATB port" run through --ait-exec, gated by the plugin.
+demo: $(STAMP)
+	$(BIN)/python examples/llama_port/demo.py
+
+# pytest exits 5 when it collected no test; make then fails, and so does .ci/run.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p xdist -n 2 tests
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_bench.py
+
+clean:
+	rm -rf $(VENV) out
