@@ -1,0 +1,307 @@
+"""The comparison engine: open both dumps, pair the ops, compare every tensor pair, judge, find the first divergence.
+
+Comparing never knows how the dumps were made; it asks formats/ for tensors and mapping/ for pairs.
+"""
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..errors import AitLlmError
+from ..formats.atb_bin import read_bin, read_bin_header
+from ..formats.atb_layout import AtbDump, AtbRank, open_atb_dump, op_files
+from ..formats.torch_layout import TorchDump, load_torch_tensor, open_torch_dump
+from ..mapping.pairing import OpPair, completion_order, is_weight, pair_ops
+from ..mapping.rules import mapping_table
+from .metrics import METRICS, compare_tensors, shapes_compatible
+from .result import COMPARED, SKIPPED, SUSPECT, UNPAIRED, CompareResult, Row
+from .tolerance import Tolerance, effective_metrics, judge
+
+Progress = Callable[[int, int], None]
+
+
+def load_tensor(path: Path, *, max_bytes: int | None = None):
+    """A RawTensor from an ATB .bin or a torch .pth/.pt/.npy file."""
+    path = Path(path)
+    if path.suffix == ".bin":
+        return read_bin(path) if max_bytes is None else read_bin(path, max_bytes=max_bytes)
+    return load_torch_tensor(path)
+
+
+def tensor_shape(path: Path) -> tuple[int, ...] | None:
+    """The shape of a dumped tensor without reading its payload (None when it cannot be read)."""
+    try:
+        if Path(path).suffix == ".bin":
+            return tuple(read_bin_header(path).dims)
+        return tuple(load_torch_tensor(path).shape)
+    except (AitLlmError, OSError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------------- file selection
+
+def _stem(path: Path) -> str:
+    return Path(path).stem
+
+
+def _pick(files: list[Path], stem: str | None) -> list[Path]:
+    if stem is None:
+        return files
+    aliases = {stem}
+    if stem in ("output", "output_0"):
+        aliases = {"output", "output_0"}
+    return [f for f in files if _stem(f) in aliases][:1]
+
+
+@dataclass
+class _Task:
+    """One tensor pair to compare, plus the input pairs that tell how much error the op received."""
+
+    row: Row
+    golden: Path | None
+    my: Path | None
+    inputs: list[tuple[Path, Path]]
+
+
+def _output_pairs(pair: OpPair, golden_files, my_files) -> list[tuple[int, Path | None, Path | None]]:
+    g = _pick(golden_files.outputs, pair.torch_stem)
+    m = _pick(my_files.outputs, pair.atb_stem)
+    if not g or not m:
+        return [(0, g[0] if g else None, m[0] if m else None)]
+    if len(g) == 1 or len(m) == 1:
+        return [(0, g[0], m[0])]
+    return [(i, gi, mi) for i, (gi, mi) in enumerate(zip(g, m))]
+
+
+def _input_pairs(pair: OpPair, golden_files, my_files) -> list[tuple[Path, Path]]:
+    """Match the module's activation inputs to the op's non-weight intensors by shape, in order."""
+    names = pair.atb.in_tensors
+    mine = [f for f in my_files.inputs if not _is_weight_file(f, names)]
+    used: set[int] = set()
+    out = []
+    for g in golden_files.inputs:
+        g_shape = tensor_shape(g)
+        if g_shape is None:
+            continue
+        for k, m in enumerate(mine):
+            if k in used:
+                continue
+            m_shape = tensor_shape(m)
+            if m_shape is not None and math.prod(m_shape) > 0 and shapes_compatible(g_shape, m_shape):
+                used.add(k)
+                out.append((g, m))
+                break
+    return out
+
+
+def _is_weight_file(path: Path, names: Sequence[str]) -> bool:
+    digits = "".join(ch for ch in _stem(path) if ch.isdigit())
+    idx = int(digits) if digits else -1
+    return 0 <= idx < len(names) and is_weight(names[idx])
+
+
+# ------------------------------------------------------------------------------------------------------ the engine
+
+def _worst_inputs(results) -> dict[str, float] | None:
+    """The worst error over an op's inputs: lowest cosine, highest of every other metric."""
+    vals = [r.values for r in results if r is not None and not r.fail_reason]
+    if not vals:
+        return None
+    worst = {}
+    for name in METRICS:
+        xs = [v[name] for v in vals if not math.isnan(v[name])]
+        if xs:
+            worst[name] = min(xs) if name == "cosine_similarity" else max(xs)
+    return worst
+
+
+class Engine:
+    """Compares one torch dump with one ATB dump under one tolerance."""
+
+    def __init__(self, golden: TorchDump, my: AtbDump, *, mapping_dir=None, tolerance: Tolerance | None = None,
+                 tokens: Sequence[int] | None = None, workers: int | None = None, custom_metrics=(),
+                 max_bin_bytes: int | None = None, progress: Progress | None = None):
+        self.golden, self.my = golden, my
+        self.table = mapping_table(mapping_dir)
+        self.tolerance = tolerance or Tolerance()
+        self.tokens = tokens
+        self.workers = workers or os.cpu_count() or 1
+        self.custom_metrics = tuple(custom_metrics)
+        self.max_bin_bytes = max_bin_bytes
+        self.progress = progress
+
+    # -- pairing
+    def _compatible_for(self, rank: AtbRank, token: int):
+        token_dir = rank.token_dirs[token]
+
+        def compatible(pair: OpPair):
+            g = _pick(self.golden.module_files(token, pair.module.name).outputs, pair.torch_stem)
+            m = _pick(op_files(token_dir, pair.files_op).outputs, pair.atb_stem)
+            if not g or not m:
+                return None
+            g_shape, m_shape = tensor_shape(g[0]), tensor_shape(m[0])
+            if g_shape is None or m_shape is None:
+                return None
+            return shapes_compatible(g_shape, m_shape) is not None
+        return compatible
+
+    def run(self) -> CompareResult:
+        rows: list[Row] = []
+        unpaired_all = []
+        tasks: list[_Task] = []
+        all_tokens: set[int] = set()
+        for rank in self.my.ranks:
+            rank_name = rank.path.name
+            topology = rank.topology()
+            order = completion_order(topology)
+            g_tokens, m_tokens = set(self.golden.tokens), set(rank.token_dirs)
+            wanted = set(self.tokens) if self.tokens is not None else g_tokens | m_tokens
+            common = sorted(g_tokens & m_tokens & wanted)
+            for t in sorted((g_tokens ^ m_tokens) & wanted):
+                side = "torch" if t in g_tokens else "ATB"
+                rows.append(Row(t, 0, -1, rank_name, status=UNPAIRED,
+                                reason=f"token {t} dumped only on the {side} side"))
+            if not common:
+                continue
+            all_tokens.update(common)
+            pairing = pair_ops(topology, self.golden.tree, self.table, self._compatible_for(rank, common[0]))
+            unpaired_all.extend(pairing.unpaired)
+            for u in pairing.unpaired:
+                op = u.op
+                rows.append(Row(None, 0, order.get(id(op), -1) if u.side == "atb" else -1, rank_name,
+                                atb_op=u.name if u.side == "atb" else "",
+                                atb_op_name=getattr(op, "op_name", "") if u.side == "atb" else "",
+                                my_op_type=u.op_type if u.side == "atb" else "",
+                                torch_module=u.name if u.side == "torch" else "",
+                                golden_op_type=u.op_type if u.side == "torch" else "",
+                                status=UNPAIRED, reason=u.reason))
+            for token in common:
+                token_dir = rank.token_dirs[token]
+                for pair in pairing.pairs:
+                    tasks.extend(self._tasks(pair, token, token_dir, rank_name, order[id(pair.atb)]))
+        self._compute(tasks)
+        rows.extend(t.row for t in tasks)
+        rows.sort(key=_row_key)
+        _mark_divergence(rows)
+        return CompareResult(rows, unpaired_all, self.tolerance, tokens=sorted(all_tokens),
+                             golden_root=str(self.golden.root), my_root=str(self.my.root))
+
+    def _tasks(self, pair: OpPair, token: int, token_dir: Path, rank_name: str, order: int) -> list[_Task]:
+        golden_files = self.golden.module_files(token, pair.module.name)
+        my_files = op_files(token_dir, pair.files_op)
+        inputs = _input_pairs(pair, golden_files, op_files(token_dir, pair.atb))
+        out = []
+        for data_id, g, m in _output_pairs(pair, golden_files, my_files):
+            row = Row(token, data_id, order, rank_name, atb_op=pair.atb.rel_dir, atb_op_name=pair.atb.op_name,
+                      my_op_type=pair.atb.op_type, torch_module=pair.module.name, golden_op_type=pair.module.type,
+                      golden_path=str(g or ""), my_path=str(m or ""), rule=pair.rule, note=pair.note)
+            names = (pair.atb.rel_dir, pair.module.name, pair.module.type)
+            if self.tolerance.is_skipped(pair.atb.op_type, pair.atb.op_name, *names):
+                row.status, row.reason = SKIPPED, "skipped by the tolerance's skip= list"
+            elif g is None or m is None:
+                side = "torch module" if g is None else "ATB op"
+                row.reason = f"no output tensor dumped for this {side}"
+                row.passed = False
+            out.append(_Task(row, g, m, inputs))
+        return out
+
+    def _compare_one(self, task: _Task) -> None:
+        row = task.row
+        if row.status != COMPARED or row.passed is False:
+            return
+        try:
+            golden = load_tensor(task.golden)
+            my = load_tensor(task.my, max_bytes=self.max_bin_bytes)
+            row.metrics = compare_tensors(golden, my, custom_metrics=self.custom_metrics)
+        except AitLlmError as exc:
+            row.reason, row.passed = str(exc), False
+            return
+        except OSError as exc:
+            row.reason, row.passed = f"cannot read: {exc}", False
+            return
+        finally:
+            golden = my = None  # noqa: F841 - drop the memory maps before the next pair
+        if row.metrics.fail_reason:
+            row.reason = row.metrics.fail_reason
+        in_results = []
+        for g_path, m_path in task.inputs:
+            try:
+                in_results.append(compare_tensors(load_tensor(g_path), load_tensor(m_path, max_bytes=self.max_bin_bytes)))
+            except (AitLlmError, OSError):
+                continue
+        row.input_metrics = _worst_inputs(in_results)
+        dtype = row.metrics.my.dtype if row.metrics.my is not None else ""
+        row.bounds = self.tolerance.bounds_for(row.my_op_type, row.atb_op_name, dtype,
+                                               row.atb_op, row.torch_module, row.golden_op_type)
+        mode = self.tolerance.mode
+        row.effective = effective_metrics(row.metrics.values, row.input_metrics, mode)
+        if row.metrics.fail_reason:
+            row.passed = False
+            return
+        row.breaches = judge(row.metrics.values, row.bounds, input_metrics=row.input_metrics, mode=mode)
+        row.passed = not row.breaches
+
+    def _compute(self, tasks: list[_Task]) -> None:
+        done = 0
+        total = len(tasks)
+        if self.workers <= 1 or total <= 1:
+            for task in tasks:
+                self._compare_one(task)
+                done += 1
+                if self.progress:
+                    self.progress(done, total)
+            return
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            for _ in pool.map(self._compare_one, tasks):
+                done += 1
+                if self.progress:
+                    self.progress(done, total)
+
+
+def _row_key(row: Row):
+    return (row.token_id if row.token_id is not None else -1, row.rank, row.order, row.data_id, row.torch_module)
+
+
+def _mark_divergence(rows: list[Row]) -> None:
+    """Mark the root cause and the propagated breaches; demote graph-op breaches that are mapping questions.
+
+    A graph op (e.g. an MLP block) whose own pair breaches while every one of its paired parts passes, and the next
+    compared op downstream passes too, cannot be a precision failure: the values agree before and after it. That is
+    a mapping question (HF BloomMLP returns its output plus the residual), reported as ``mapping_suspect``.
+    """
+    compared = [r for r in rows if r.status == COMPARED]
+    for i, row in enumerate(compared):
+        if not row.breached or row.metrics is None:
+            continue
+        prefix = row.atb_op + "/"
+        parts = [r for r in compared if r.token_id == row.token_id and r.rank == row.rank
+                 and r.atb_op.startswith(prefix)]
+        later = [r for r in compared[i + 1:] if r.token_id == row.token_id and r.rank == row.rank
+                 and not r.atb_op.startswith(prefix) and r.atb_op != row.atb_op]
+        if parts and all(p.passed for p in parts) and later and later[0].passed:
+            row.status = SUSPECT
+            row.note = ("values disagree while its parts and the next op agree: check the mapping "
+                        "(a torch module may return its output plus the residual)")
+    first = True
+    for row in rows:
+        if row.breached:
+            row.first_divergence, row.propagated = first, not first
+            first = False
+
+
+def compare_dumps(golden, my, *, mapping_dir=None, tolerance: Tolerance | None = None,
+                  tokens: Sequence[int] | None = None, workers: int | None = None, custom_metrics=(),
+                  max_bin_bytes: int | None = None, progress: Progress | None = None) -> CompareResult:
+    """Compare a torch (golden) dump with an ATB (my) dump. No file is written (see ``pytest_ait_llm.api``).
+
+    ``golden``/``my`` are dump handles or paths (a dump root, a rank/pid dir, or a token dir).
+    """
+    golden_dump = golden if isinstance(golden, TorchDump) else open_torch_dump(golden)
+    my_dump = my if isinstance(my, AtbDump) else open_atb_dump(my)
+    engine = Engine(golden_dump, my_dump, mapping_dir=mapping_dir, tolerance=tolerance, tokens=tokens,
+                    workers=workers, custom_metrics=custom_metrics, max_bin_bytes=max_bin_bytes, progress=progress)
+    return engine.run()
