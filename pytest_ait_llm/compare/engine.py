@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,13 +14,14 @@ from typing import Callable, Sequence
 
 from ..errors import AitLlmError
 from ..formats.atb_bin import read_bin, read_bin_header
+from ..formats.dtypes import ACL_DTYPES
 from ..formats.atb_layout import AtbDump, AtbRank, open_atb_dump, op_files
 from ..formats.torch_layout import TorchDump, load_torch_tensor, open_torch_dump
 from ..mapping.pairing import OpPair, completion_order, is_weight, pair_ops
 from ..mapping.rules import mapping_table
 from .metrics import METRICS, compare_tensors, shapes_compatible
 from .result import COMPARED, SKIPPED, SUSPECT, UNPAIRED, CompareResult, Row
-from .tolerance import Tolerance, effective_metrics, judge
+from .tolerance import Tolerance, default_bounds, effective_metrics, judge
 
 Progress = Callable[[int, int], None]
 
@@ -32,14 +34,22 @@ def load_tensor(path: Path, *, max_bytes: int | None = None):
     return load_torch_tensor(path)
 
 
-def tensor_shape(path: Path) -> tuple[int, ...] | None:
-    """The shape of a dumped tensor without reading its payload (None when it cannot be read)."""
+def tensor_meta(path: Path) -> tuple[tuple[int, ...], str] | None:
+    """(shape, logical dtype) of a dumped tensor without reading its payload; None when it cannot be read."""
     try:
         if Path(path).suffix == ".bin":
-            return tuple(read_bin_header(path).dims)
-        return tuple(load_torch_tensor(path).shape)
+            header = read_bin_header(path)
+            dtype = ACL_DTYPES.get(header.dtype_code)
+            return tuple(header.dims), dtype.name if dtype else f"acl{header.dtype_code}"
+        t = load_torch_tensor(path)
+        return tuple(t.shape), t.dtype
     except (AitLlmError, OSError):
         return None
+
+
+def tensor_shape(path: Path) -> tuple[int, ...] | None:
+    meta = tensor_meta(path)
+    return meta[0] if meta else None
 
 
 # ------------------------------------------------------------------------------------------------- file selection
@@ -77,21 +87,34 @@ def _output_pairs(pair: OpPair, golden_files, my_files) -> list[tuple[int, Path 
     return [(i, gi, mi) for i, (gi, mi) in enumerate(zip(g, m))]
 
 
+_FLOAT = ("float32", "float16", "bfloat16", "float64")
+
+
+def _primary_inputs(files: list[Path]) -> list[Path]:
+    """The module's activation inputs: its positional inputs, else its ``hidden_states`` keyword input."""
+    positional = [f for f in files if re.fullmatch(r"input(_\d+)*", _stem(f))]
+    return positional or [f for f in files if _stem(f) == "input_hidden_states"]
+
+
 def _input_pairs(pair: OpPair, golden_files, my_files) -> list[tuple[Path, Path]]:
-    """Match the module's activation inputs to the op's non-weight intensors by shape, in order."""
+    """Match the module's activation inputs to the op's float, non-weight intensors by shape, in order.
+
+    These pairs measure the error an op *received*, so that its verdict can rest on the error it *adds*.
+    """
     names = pair.atb.in_tensors
-    mine = [f for f in my_files.inputs if not _is_weight_file(f, names)]
+    mine = []
+    for f in my_files.inputs:
+        meta = tensor_meta(f) if not _is_weight_file(f, names) else None
+        if meta is not None and meta[1] in _FLOAT and math.prod(meta[0]) > 1:
+            mine.append((f, meta[0]))
     used: set[int] = set()
     out = []
-    for g in golden_files.inputs:
-        g_shape = tensor_shape(g)
-        if g_shape is None:
+    for g in _primary_inputs(golden_files.inputs):
+        meta = tensor_meta(g)
+        if meta is None or meta[1] not in _FLOAT:
             continue
-        for k, m in enumerate(mine):
-            if k in used:
-                continue
-            m_shape = tensor_shape(m)
-            if m_shape is not None and math.prod(m_shape) > 0 and shapes_compatible(g_shape, m_shape):
+        for k, (m, m_shape) in enumerate(mine):
+            if k not in used and shapes_compatible(meta[0], m_shape):
                 used.add(k)
                 out.append((g, m))
                 break
@@ -117,6 +140,14 @@ def _worst_inputs(results) -> dict[str, float] | None:
         if xs:
             worst[name] = min(xs) if name == "cosine_similarity" else max(xs)
     return worst
+
+
+def _coarser(*stats) -> str:
+    """The less precise dtype of a pair (the one whose default bounds are loosest): it sets the default bounds."""
+    names = [s.dtype for s in stats if s is not None]
+    if not names:
+        return ""
+    return max(names, key=lambda d: default_bounds(d).get("relative_euclidean_distance", 0.0))
 
 
 class Engine:
@@ -234,7 +265,7 @@ class Engine:
             except (AitLlmError, OSError):
                 continue
         row.input_metrics = _worst_inputs(in_results)
-        dtype = row.metrics.my.dtype if row.metrics.my is not None else ""
+        dtype = _coarser(row.metrics.golden, row.metrics.my)
         row.bounds = self.tolerance.bounds_for(row.my_op_type, row.atb_op_name, dtype,
                                                row.atb_op, row.torch_module, row.golden_op_type)
         mode = self.tolerance.mode

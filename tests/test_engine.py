@@ -1,0 +1,189 @@
+"""The engine end to end on a real 12-layer HF Llama: torch hooks as golden, a bf16 ATB-layout mirror as "my"."""
+from __future__ import annotations
+
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from atb_mirror import write_mirror
+from hf_models import input_ids, tiny_llama
+from pytest_ait_llm.api import run_compare
+from pytest_ait_llm.compare.tolerance import Tolerance
+from pytest_ait_llm.dump.torch_hooks import DumpConfig, register_hook
+from pytest_ait_llm.formats.torch_layout import open_torch_dump
+from pytest_ait_llm.report.csv_report import AIT_COLUMNS
+
+LAYERS = 12
+FAULTY = "root.model.layers.5.post_attention_layernorm"
+
+
+@pytest.fixture(scope="module")
+def golden(tmp_path_factory):
+    model = tiny_llama(num_layers=LAYERS, hidden=64)
+    out = tmp_path_factory.mktemp("golden")
+    with register_hook(model, DumpConfig(dump_path=out, token_range=(0, 1))) as handle:
+        model.generate(input_ids(seq=8), max_new_tokens=2, do_sample=False)
+    return open_torch_dump(handle.dump_dir)
+
+
+@pytest.fixture(scope="module")
+def healthy(golden, tmp_path_factory):
+    return write_mirror(golden, tmp_path_factory.mktemp("healthy"), num_layers=LAYERS)
+
+
+@pytest.fixture(scope="module")
+def healthy_result(golden, healthy, tmp_path_factory):
+    return run_compare(golden, healthy[0], output_dir=tmp_path_factory.mktemp("report"))
+
+
+def test_every_module_backed_op_is_paired_with_its_module(healthy_result, healthy):
+    _, truth = healthy
+    paired = {(r.atb_op, r.torch_module) for r in healthy_result.compared if r.token_id == 0}
+    assert paired == set(truth.items())
+
+
+def test_bias_less_linear_before_a_residual_add_is_not_a_bias_add(healthy_result):
+    o_proj = [r for r in healthy_result.compared if r.torch_module.endswith("self_attn.o_proj")]
+    assert len(o_proj) == 2 * LAYERS
+    # the pair reads the Linear's own output, not the residual sum written by the add after it
+    assert all(Path(r.my_path).parts[-3] == "5_LinearOperation" for r in o_proj)
+    assert all(r.metric("cosine_similarity") > 0.999 for r in o_proj)
+    adds = [r for r in healthy_result.rows if r.status == "unpaired" and r.atb_op.endswith("6_ElewiseOperation")]
+    assert len(adds) == LAYERS and all("no mapping rule" in r.reason for r in adds)
+
+
+def test_healthy_bf16_port_has_no_breach_under_default_tolerance(healthy_result):
+    assert healthy_result.passed, healthy_result.failure_message()
+    assert healthy_result.first_divergence is None
+    assert len(healthy_result.compared) == 2 * len([r for r in healthy_result.compared if r.token_id == 0])
+
+
+def test_five_percent_scale_error_is_the_first_divergence(golden, tmp_path):
+    root, truth = write_mirror(golden, tmp_path / "bad", num_layers=LAYERS, faults={FAULTY: 1.05})
+    result = run_compare(golden, root, output_dir=tmp_path)
+    assert not result.passed
+    first = result.first_divergence
+    assert (first.torch_module, first.token_id) == (FAULTY, 0)
+    # cosine alone would not have caught it
+    assert first.metric("cosine_similarity") > 0.999
+    assert any(b.metric == "relative_euclidean_distance" for b in first.breaches)
+    assert FAULTY in result.failure_message() and first.atb_op in result.failure_message()
+    assert [r.first_divergence for r in result.rows].count(True) == 1
+    assert all(r.propagated for r in result.breaches if r is not first)
+
+
+def test_csv_has_the_original_columns_first_and_marks_the_root_cause(golden, tmp_path):
+    root, _ = write_mirror(golden, tmp_path / "bad", num_layers=LAYERS, faults={FAULTY: 1.05})
+    result = run_compare(golden, root, output_dir=tmp_path)
+    with open(result.csv_path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+        fh.seek(0)
+        header = next(csv.reader(fh))
+    assert header[:22] == AIT_COLUMNS
+    assert {"golden_op_type", "my_op_type", "passed", "first_divergence", "execution_order"} <= set(header)
+    roots = [r for r in rows if r["first_divergence"] == "True"]
+    assert len(roots) == 1 and roots[0]["torch_module"] == FAULTY and roots[0]["passed"] == "False"
+    assert Path(roots[0]["my_data_path"]).is_file() and Path(roots[0]["golden_data_path"]).is_file()
+    assert any(r["status"] == "unpaired" and r["cmp_fail_reason"] for r in rows)
+
+
+def _ait_reference(g: torch.Tensor, m: torch.Tensor) -> dict:
+    """The original tool's metric definitions, written out independently (spec section 5)."""
+    g, m = g.reshape(-1).double(), m.reshape(-1).double()
+    eps = torch.finfo(torch.float32).eps
+    mask = g.abs() > eps
+    rel = torch.where(mask, (m / torch.where(mask, g, torch.ones_like(g)) - 1).abs(), torch.zeros_like(g))
+    kl = torch.nn.functional.kl_div(torch.log_softmax(m, 0), torch.softmax(g, 0), reduction="sum").clamp(min=0)
+    return {
+        "cosine_similarity": float(torch.cosine_similarity(g, m, dim=0)),
+        "max_relative_error": float(rel.max()), "mean_relative_error": float(rel.mean()),
+        # ours: absolute error over every element (ait masked it by |g| > eps), RED with the square root (msit)
+        "max_absolute_error": float((m - g).abs().max()), "mean_absolute_error": float((m - g).abs().mean()),
+        "kl_divergence": float(kl),
+        "relative_euclidean_distance": float(((m - g) ** 2).sum().sqrt() / (g ** 2).sum().sqrt()),
+    }
+
+
+def _load(path: str) -> torch.Tensor:
+    if path.endswith(".pth"):
+        return torch.load(path, weights_only=True)
+    raw = Path(path).read_bytes()
+    payload = raw[raw.index(b"$End=1\n") + 7:]
+    bits = np.frombuffer(payload, dtype=np.uint16).astype(np.uint32) << 16
+    return torch.from_numpy(bits.view(np.float32).copy())
+
+
+def test_leading_columns_carry_the_original_metric_values(healthy_result):
+    with open(healthy_result.csv_path, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["status"] == "compared"][:40:7]
+    assert rows
+    for row in rows:
+        g, m = _load(row["golden_data_path"]), _load(row["my_data_path"])
+        expected = _ait_reference(g, m)
+        for name, value in expected.items():
+            assert float(row[name]) == pytest.approx(value, rel=1e-6, abs=1e-9), name
+        assert float(row["golden_max_value"]) == pytest.approx(float(g.max()))
+        assert row["my_dtype"] == "torch.bfloat16" and row["golden_dtype"] == "torch.float32"
+
+
+def test_tolerance_overrides_per_op_type(golden, tmp_path):
+    root, _ = write_mirror(golden, tmp_path / "bad", num_layers=LAYERS, faults={FAULTY: 1.05})
+    lenient = Tolerance.from_marker(ops={"RmsNormOperation": {"red": 0.2}})
+    assert run_compare(golden, root, tolerance=lenient, write_csv=False).passed
+    skipping = Tolerance.from_marker(skip=["*/7_RmsNormOperation"])
+    result = run_compare(golden, root, tolerance=skipping, write_csv=False)
+    assert result.passed and any(r.status == "skipped" for r in result.rows)
+
+
+def test_two_reports_in_the_same_second_never_collide(golden, healthy, tmp_path):
+    a = run_compare(golden, healthy[0], output_dir=tmp_path, tokens=[0])
+    b = run_compare(golden, healthy[0], output_dir=tmp_path, tokens=[0])
+    assert a.csv_path != b.csv_path and a.csv_path.is_file() and b.csv_path.is_file()
+    assert a.csv_path.name.startswith("ait_cmp_report_") and a.csv_path.suffix == ".csv"
+
+
+# --------------------------------------------------------------------------------------------------------- the CLI
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "pytest_ait_llm", *map(str, args)], capture_output=True, text=True)
+
+
+def test_cli_compares_and_prints_the_report_path_and_summary(golden, healthy, tmp_path):
+    proc = _cli("compare", "-gp", golden.root, "-mp", healthy[0], "-o", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    csv_path = Path(proc.stdout.splitlines()[0])
+    assert csv_path.parent == tmp_path and csv_path.is_file()
+    assert "pairs compared" in proc.stdout and "breaches: 0" in proc.stdout
+
+
+def test_cli_token_dirs_and_fail_on_breach(golden, tmp_path):
+    root, _ = write_mirror(golden, tmp_path / "bad", num_layers=LAYERS, faults={FAULTY: 1.05})
+    token_golden, token_my = golden.token_dirs[0], next((root / "tensors").iterdir()) / "0"
+    proc = _cli("--help") if False else _cli("compare", "--golden-path", token_golden, "--my-path", token_my,
+                                             "--output", tmp_path, "--fail-on-breach")
+    assert proc.returncode == 1, proc.stderr
+    assert "first divergence" in proc.stdout and FAULTY in proc.stdout
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["compare", "-gp", "/nonexistent/golden", "-mp", "/nonexistent/my"], "nonexistent"),
+    (["compare", "-gp", ".", "-mp", ".", "-t", "cos=high"], "cos"),
+    (["compare", "-gp", "."], "required"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(args, expected, tmp_path):
+    proc = _cli(*args)
+    assert proc.returncode == 2
+    err = proc.stderr.strip()
+    assert expected in err and "Traceback" not in err and len(err.splitlines()) <= 3
+
+
+def test_cli_bad_mapping_file_names_the_key(golden, healthy, tmp_path):
+    (tmp_path / "op_mapping_file.json").write_text('{"Bad Key": "Linear"}')
+    proc = _cli("compare", "-gp", golden.root, "-mp", healthy[0], "--op-mapping-file", tmp_path, "-o", tmp_path)
+    assert proc.returncode == 2 and "'Bad Key'" in proc.stderr and "Traceback" not in proc.stderr
