@@ -1,0 +1,91 @@
+"""The golden model of the example: a tiny Llama in float32, built offline from a fixed seed.
+
+A porting team's golden is the original PyTorch model. Here it is an HF ``LlamaForCausalLM`` small enough to run
+in a second on a CPU, with weights drawn from our own seeded generator rather than from HF's initialiser, so the
+golden (and the greedy tokens it generates) does not change when a transformers release changes its init order.
+
+The configuration uses linear RoPE scaling (factor 2), as long-context Llama variants do, so that forgetting the
+scaling in the port is a bug the example can show.
+"""
+from __future__ import annotations
+
+import torch
+
+#: What ``generate`` is called with, on both sides: prefill (token 0) plus one decode step (token 1).
+GENERATE_KWARGS = {"max_new_tokens": 2, "do_sample": False}
+
+#: The architecture. 12 layers: more than the 10 the original tool needed before it found any layer at all.
+CONFIG = {
+    "hidden_size": 128,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 384,
+    "vocab_size": 256,
+    "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-6,
+    "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    # No special tokens: a random model has no end-of-sequence, and generate() must not stop on (or pad with) id 2.
+    "bos_token_id": None,
+    "eos_token_id": None,
+    "pad_token_id": None,
+}
+PROMPT_LENGTH = 16
+DEFAULT_SEED = 4
+
+#: Standard deviation of the random weights, per parameter kind. Linear weights follow HF's 0.02, except:
+#: q/k projections are wider so that attention is peaked as in a trained model (with 0.02 it is nearly uniform,
+#: and positions, hence RoPE, hardly matter); the lm_head is wider so that the logits have a clear winner (a
+#: tie-breaking bf16 rounding would make the healthy port look broken); norm weights scatter around 1 like
+#: trained ones do, instead of HF's exact ones.
+WEIGHT_STD = {"embed_tokens": 0.02, "proj": 0.02, "qk_proj": 0.06, "lm_head": 0.15, "norm": 0.1}
+
+
+def llama_config():
+    """The HF ``LlamaConfig`` of the golden (eager attention: the plain reference math, no fused kernels)."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(**CONFIG)
+    config._attn_implementation = "eager"
+    return config
+
+
+def _std(name: str) -> float:
+    if "norm" in name:
+        return WEIGHT_STD["norm"]
+    if "embed_tokens" in name:
+        return WEIGHT_STD["embed_tokens"]
+    if "lm_head" in name:
+        return WEIGHT_STD["lm_head"]
+    if "q_proj" in name or "k_proj" in name:
+        return WEIGHT_STD["qk_proj"]
+    return WEIGHT_STD["proj"]
+
+
+@torch.no_grad()
+def build_golden(seed: int = DEFAULT_SEED):
+    """``(model, input_ids)``: the float32 golden in eval mode and its prompt, both determined by ``seed``.
+
+    Every parameter is redrawn, in sorted-name order, from one ``torch.Generator`` seeded with ``seed``; norm
+    weights are ``1 + N(0, 0.1)``, the others ``N(0, std)``. The prompt is ``PROMPT_LENGTH`` ids from the same
+    generator.
+    """
+    from transformers import LlamaForCausalLM
+
+    config = llama_config()
+    model = LlamaForCausalLM(config)
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in sorted(model.named_parameters()):
+        values = torch.randn(param.shape, generator=generator, dtype=torch.float32) * _std(name)
+        param.copy_(values + 1.0 if "norm" in name else values)
+    input_ids = torch.randint(0, config.vocab_size, (1, PROMPT_LENGTH), generator=generator)
+    return model.eval(), input_ids
+
+
+@torch.no_grad()
+def golden_generate(model, input_ids) -> list[int]:
+    """The golden's greedy new token ids (what a healthy port must print)."""
+    out = model.generate(input_ids, **GENERATE_KWARGS)
+    return out[0, input_ids.shape[1]:].tolist()

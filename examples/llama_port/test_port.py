@@ -1,0 +1,59 @@
+"""The precision tests a porting team keeps in CI, for the example's CPU "ATB port" of a tiny Llama.
+
+Run from the repository root::
+
+    pytest examples/llama_port --ait-exec "bash examples/llama_port/run.sh" --op-mapping-file examples/llama_port
+
+``torch_dump`` runs the golden (``ait_golden_model`` in conftest.py) under the dump hooks, ``atb_dump`` runs
+``--ait-exec`` with the ATB dump switched on, and ``compare_ops`` pairs the ops and judges every pair.
+"""
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+port = sys.modules["llama_port_port"]  # port.py, imported under this name by conftest.py
+
+INJECTED = port.BUGS["rmsnorm_eps"]
+
+
+# bf16 port vs float32 golden: cosine >= 0.999 and a relative euclidean distance of at most 2 % per op
+# (the dtype-aware defaults, written out here so the gate is visible in the test).
+@pytest.mark.ait_tolerance(cos=0.999, red=0.02)
+def test_healthy_port(torch_dump, atb_dump, compare_ops):
+    result = compare_ops(torch_dump, atb_dump)
+    # Every dumped token was compared (pytest.ini asks for 0,1: the prefill and the KV-cache decode step).
+    assert {row.token_id for row in result.compared} == set(atb_dump.tokens)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="PORT_BUG=rmsnorm_eps: the port passes a wrong epsilon to layer 5's post-attention "
+                          "RmsNorm; this test stays red until the port is fixed (strict: a pass would be news)")
+@pytest.mark.ait_tolerance(cos=0.999, red=0.02)
+def test_buggy_port(torch_dump, ait_exec_run, compare_ops):
+    buggy = ait_exec_run(env={"PORT_BUG": "rmsnorm_eps"})
+    compare_ops(torch_dump, buggy)
+
+
+@pytest.mark.ait_tolerance(cos=0.999, red=0.02)
+def test_buggy_port_names_the_injected_op_first(torch_dump, ait_exec_run, compare_ops):
+    buggy = ait_exec_run(env={"PORT_BUG": "rmsnorm_eps"})
+    with pytest.raises(AssertionError) as failure:
+        compare_ops(torch_dump, buggy)
+    message = str(failure.value)
+    first_line = message.strip().splitlines()[0]
+    assert INJECTED.rel_dir in first_line, message
+    assert INJECTED.torch_module in message, message
+    # Nothing of the layers before the injected one is blamed.
+    assert "5_LlamaLayer" not in message.split(INJECTED.rel_dir)[0], message
+
+
+@pytest.mark.ait_tolerance(cos=0.999, red=0.02)
+def test_five_percent_scale_error_is_caught(torch_dump, ait_exec_run, compare_ops):
+    """A 5 % scale error keeps the cosine at 1.0: the relative euclidean distance is what catches it."""
+    scaled = ait_exec_run(env={"PORT_BUG": "scale"})
+    with pytest.raises(AssertionError) as failure:
+        compare_ops(torch_dump, scaled)
+    first_line = str(failure.value).strip().splitlines()[0]
+    assert port.BUGS["scale"].rel_dir in first_line, str(failure.value)
