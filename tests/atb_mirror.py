@@ -4,7 +4,8 @@ Each ATB op's tensors are the golden module tensors rounded to bf16 (or fp16), l
 them out, with a realistic topology: fused layer graphs, a bias-less o_proj Linear followed by a *residual* add, an
 MlpGateLayerV2 graph, ops with no torch module (SelfAttention, Rope-less here, Activation, Elewise). The mirror
 returns the ground truth (ATB rel_dir -> torch module) so tests can check the pairing. ``faults`` scales one
-module's output (no propagation: a unit fault the verdict must pin to that op).
+module's output (no propagation: a unit fault the verdict must pin to that op); a key ``"module:input_0"`` scales
+that module's input as the ATB side sees it (an error arising in the unpaired op that produced it).
 """
 from __future__ import annotations
 
@@ -137,7 +138,7 @@ def write_mirror(golden: TorchDump, out_dir: Path, *, num_layers: int, dtype=tor
             module, stem = src
             path = golden.module_dir(token, module) / f"{stem}.pth"
             t = torch.load(path, weights_only=True).float()
-            t = t * faults.get(module, 1.0) if stem == "output" else t
+            t = t * faults.get(f"{module}:{stem}", faults.get(module, 1.0) if stem == "output" else 1.0)
             return t.to(dtype) if t.is_floating_point() else t
         for rel, ins, outs in plan:
             writer.save_tensors(token, rel, [load(s) for s in ins], [load(s) for s in outs])

@@ -78,6 +78,17 @@ def test_five_percent_scale_error_is_the_first_divergence(golden, tmp_path):
     assert all(r.propagated for r in result.breaches if r is not first)
 
 
+def test_error_arising_in_unpaired_ops_is_caught_and_named(golden, tmp_path):
+    # SelfAttention has no torch module; its output is o_proj's input. A 5 % error there must not pass unseen.
+    o_proj = "root.model.layers.3.self_attn.o_proj"
+    root, _ = write_mirror(golden, tmp_path / "bad", num_layers=LAYERS, faults={f"{o_proj}:input_0": 1.05})
+    result = run_compare(golden, root, write_csv=False)
+    first = result.first_divergence
+    assert first is not None and (first.torch_module, first.token_id) == (o_proj, 0)
+    assert "4_LlamaLayer/4_SelfAttentionOperation" in result.failure_message()
+    assert "unpaired" in str(first.breaches[0])
+
+
 def test_csv_has_the_original_columns_first_and_marks_the_root_cause(golden, tmp_path):
     root, _ = write_mirror(golden, tmp_path / "bad", num_layers=LAYERS, faults={FAULTY: 1.05})
     result = run_compare(golden, root, output_dir=tmp_path)

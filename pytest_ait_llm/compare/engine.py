@@ -17,11 +17,12 @@ from ..formats.atb_bin import read_bin, read_bin_header
 from ..formats.dtypes import ACL_DTYPES
 from ..formats.atb_layout import AtbDump, AtbRank, open_atb_dump, op_files
 from ..formats.torch_layout import TorchDump, load_torch_tensor, open_torch_dump
+from ..formats.atb_topology import AtbOp
 from ..mapping.pairing import OpPair, completion_order, is_weight, pair_ops
 from ..mapping.rules import mapping_table
 from .metrics import METRICS, compare_tensors, shapes_compatible
 from .result import COMPARED, SKIPPED, SUSPECT, UNPAIRED, CompareResult, Row
-from .tolerance import Tolerance, default_bounds, effective_metrics, judge
+from .tolerance import Breach, Tolerance, default_bounds, effective_metrics, judge
 
 Progress = Callable[[int, int], None]
 
@@ -75,6 +76,7 @@ class _Task:
     golden: Path | None
     my: Path | None
     inputs: list[tuple[Path, Path]]
+    pair: OpPair | None = None
 
 
 def _output_pairs(pair: OpPair, golden_files, my_files) -> list[tuple[int, Path | None, Path | None]]:
@@ -185,6 +187,7 @@ class Engine:
         unpaired_all = []
         tasks: list[_Task] = []
         all_tokens: set[int] = set()
+        topologies = []
         for rank in self.my.ranks:
             rank_name = rank.path.name
             topology = rank.topology()
@@ -214,7 +217,10 @@ class Engine:
                 token_dir = rank.token_dirs[token]
                 for pair in pairing.pairs:
                     tasks.extend(self._tasks(pair, token, token_dir, rank_name, order[id(pair.atb)]))
+            topologies.append((rank_name, topology))
         self._compute(tasks)
+        for rank_name, topology in topologies:
+            _judge_unpaired_regions(topology, [t for t in tasks if t.row.rank == rank_name])
         rows.extend(t.row for t in tasks)
         rows.sort(key=_row_key)
         _mark_divergence(rows)
@@ -237,7 +243,7 @@ class Engine:
                 side = "torch module" if g is None else "ATB op"
                 row.reason = f"no output tensor dumped for this {side}"
                 row.passed = False
-            out.append(_Task(row, g, m, inputs))
+            out.append(_Task(row, g, m, inputs, pair))
         return out
 
     def _compare_one(self, task: _Task) -> None:
@@ -277,20 +283,77 @@ class Engine:
         row.passed = not row.breaches
 
     def _compute(self, tasks: list[_Task]) -> None:
-        done = 0
-        total = len(tasks)
-        if self.workers <= 1 or total <= 1:
-            for task in tasks:
-                self._compare_one(task)
-                done += 1
-                if self.progress:
-                    self.progress(done, total)
-            return
-        with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            for _ in pool.map(self._compare_one, tasks):
-                done += 1
-                if self.progress:
-                    self.progress(done, total)
+        from .parallel import run_in_order  # forked worker processes, else threads; rows kept in task order
+
+        run_in_order(self, tasks, self.workers, self.progress)
+
+
+def _judge_unpaired_regions(topology, tasks: list[_Task]) -> None:
+    """Catch error that arises inside ops with no torch counterpart (Rope, SelfAttention, residual adds...).
+
+    An op's verdict rests on the error it adds over its inputs, so a wrong RopeOperation would otherwise pass
+    unseen: the o_proj after it receives wrong inputs and adds nothing. Here, for each compared op whose inputs
+    come (through the dataflow names of the topology) from unpaired ops, the error already in its inputs is set
+    against the error of the nearest *paired* ops upstream; when the jump breaks the op's bound, the row breaches
+    and the breach names the unpaired ops where the error arose.
+    """
+    paired: dict[int, list[_Task]] = {}
+    for task in tasks:
+        if task.pair is not None:
+            paired.setdefault(id(task.pair.atb), []).append(task)
+            if task.pair.output_op is not None:
+                paired.setdefault(id(task.pair.output_op), []).append(task)
+    producer: dict[str, AtbOp] = {}
+    for op in topology.walk():  # leaves produce tensors; a paired graph op stands for the leaf that ends it
+        for name in op.out_tensors:
+            if op.is_leaf and name not in producer:
+                producer[name] = op
+            elif not op.is_leaf and id(op) in paired:
+                producer[name] = op
+    by_token: dict[tuple[int, int], Row] = {}
+    for op_id, op_tasks in paired.items():
+        for task in op_tasks:
+            by_token.setdefault((op_id, task.row.token_id), task.row)
+    red = "relative_euclidean_distance"
+    for task in tasks:
+        row = task.row
+        if task.pair is None or not row.input_metrics or red not in row.input_metrics or red not in row.bounds:
+            continue
+        unpaired_ops, frontier = _upstream(task.pair.atb, producer, paired)
+        if not unpaired_ops:
+            continue
+        upstream = [by_token.get((id(op), row.token_id)) for op in frontier]
+        upstream_err = max((r.metric(red) for r in upstream if r is not None and not math.isnan(r.metric(red))),
+                           default=0.0)
+        jump = row.input_metrics[red] - upstream_err
+        if jump > row.bounds[red]:
+            names = ", ".join(op.rel_dir for op in unpaired_ops[:4]) + (" ..." if len(unpaired_ops) > 4 else "")
+            row.breaches.insert(0, Breach(red, jump, row.bounds[red], "max", True,
+                                          f"in this op's inputs, arising in unpaired op(s) upstream: {names}"))
+            row.passed = False
+
+
+def _upstream(op: AtbOp, producer: dict[str, AtbOp], paired: dict[int, list]) -> tuple[list[AtbOp], list[AtbOp]]:
+    """(unpaired ops on the paths into ``op``, the nearest paired ops beyond them), following tensor names."""
+    unpaired: list[AtbOp] = []
+    frontier: list[AtbOp] = []
+    seen: set[int] = set()
+    stack = [producer[n] for n in op.in_tensors if not is_weight(n) and n in producer]
+    inside = {id(o) for o in op.walk()}
+    while stack:
+        cur = stack.pop()
+        if id(cur) in seen or id(cur) in inside:
+            continue
+        seen.add(id(cur))
+        if id(cur) in paired:
+            frontier.append(cur)
+            continue
+        unpaired.append(cur)
+        stack.extend(producer[n] for n in cur.in_tensors if not is_weight(n) and n in producer)
+    if not frontier:
+        return [], []  # fed by model inputs through unpaired ops only: nothing upstream to measure against
+    unpaired.sort(key=lambda o: o.order)
+    return unpaired, frontier
 
 
 def _row_key(row: Row):

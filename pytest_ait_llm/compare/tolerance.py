@@ -257,9 +257,10 @@ class Breach:
     limit: float
     kind: str  # "min" (value must be >= limit) or "max" (value must be <= limit)
     added: bool = False
+    where: str = ""  # where the error arose when it is not this op's own output (e.g. unpaired ops upstream)
 
     def __str__(self) -> str:
-        suffix = " (added)" if self.added else ""
+        suffix = (" (added)" if self.added else "") + (f" {self.where}" if self.where else "")
         if math.isnan(self.value):
             return f"{self.metric} nan (not computed; limit {'>=' if self.kind == 'min' else '<='} " \
                    f"{self.limit:.6g}){suffix}"
