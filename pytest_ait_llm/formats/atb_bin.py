@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import stat as stat_mod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,13 +18,17 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError
-from .atomic import atomic_write_bytes
+from .atomic import atomic_write_bytes, outside_dump_root
 from .dtypes import ACL_DTYPES, BY_NAME, KNOWN_UNSUPPORTED, AclDtype, by_name
 from .tensor import RawTensor
 
 DEFAULT_MAX_BIN_BYTES = 2 * 1024**3
 #: The header is a handful of short lines; a file without ``$End`` in its first 64 KiB is not a tensor file.
 MAX_HEADER_BYTES = 64 * 1024
+#: ATB tensors have at most 8 dims; numpy refuses more than 64. More than this is a corrupt header.
+MAX_DIMS = 32
+#: A dimension numpy can index (even an empty tensor, with a 0 elsewhere in dims, needs each dim to fit).
+MAX_DIM = 2**62
 #: Keys of the msit "stats" dump (``--type stats``): text-only files holding these summaries instead of a payload.
 STATS_KEYS = ("max", "min", "mean", "l2norm")
 _END_KEY = "$End"
@@ -79,32 +84,52 @@ def _supported_codes() -> str:
     return ", ".join(f"{c} {d.name}" for c, d in sorted(ACL_DTYPES.items()))
 
 
-def _stat_regular_file(path: Path, max_bytes: int) -> int:
-    """The file's size, after refusing what cannot be a tensor file (missing, a dir/FIFO, empty, too large)."""
+def _open_regular_file(path: Path, max_bytes: int, allow_symlinks: bool | None) -> tuple[int, int]:
+    """(open fd, size) of a tensor file, after refusing what cannot be one: missing, a dir/FIFO/device, empty,
+    too large, or a symlink out of the dump. Opening first and checking the open file (not the name) means a
+    file swapped for a FIFO in between cannot block us."""
+    why = outside_dump_root(path, allow_symlinks=allow_symlinks)
+    if why:
+        raise FormatError(f"{path}: {why}")
     try:
-        st = os.stat(path)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except FileNotFoundError:
         raise FormatError(f"{path}: no such file") from None
-    except OSError as exc:
-        raise FormatError(f"{path}: cannot stat ({exc.strerror or exc})") from None
-    if not stat_mod.S_ISREG(st.st_mode):
-        # A FIFO or device would block or never end; a directory is a layout mistake.
-        raise FormatError(f"{path}: not a regular file")
-    if st.st_size == 0:
-        raise FormatError(f"{path}: empty file (0 bytes), expected a .bin header ending in $End=1")
-    if st.st_size > max_bytes:
-        raise FormatError(f"{path}: {st.st_size} bytes exceeds the limit of {max_bytes} bytes "
-                          f"(raise it with max_bytes=..., e.g. max_bytes={st.st_size})")
-    return st.st_size
-
-
-def _read_header_lines(path: Path, size: int) -> tuple[list[tuple[int, str, str]], int]:
-    """``[(line_no, key, value), ...]`` up to and including ``$End``, and the offset just after that line."""
+    except IsADirectoryError:
+        raise FormatError(f"{path}: not a regular file (a directory)") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
+        raise FormatError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(min(size, MAX_HEADER_BYTES))
+        st = os.fstat(fd)
+        if not stat_mod.S_ISREG(st.st_mode):
+            # A FIFO or device would block or never end; a directory is a layout mistake.
+            raise FormatError(f"{path}: not a regular file")
+        if st.st_size == 0:
+            raise FormatError(f"{path}: empty file (0 bytes), expected a .bin header ending in $End=1")
+        if st.st_size > max_bytes:
+            raise FormatError(f"{path}: {st.st_size} bytes exceeds the limit of {max_bytes} bytes "
+                              f"(raise it with max_bytes=..., e.g. max_bytes={st.st_size}, or --max-bin-bytes)")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st.st_size
+
+
+def _read_header_lines(path: Path, fd: int, size: int) -> tuple[list[tuple[int, str, str]], int]:
+    """``[(line_no, key, value), ...]`` up to and including ``$End``, and the offset just after that line."""
+    want = min(size, MAX_HEADER_BYTES)
+    parts: list[bytes] = []
+    got = 0
+    try:
+        while got < want:
+            chunk = os.read(fd, want - got)
+            if not chunk:
+                break
+            parts.append(chunk)
+            got += len(chunk)
     except OSError as exc:
         raise FormatError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    head = b"".join(parts)
     lines: list[tuple[int, str, str]] = []
     pos = 0
     line_no = 0
@@ -131,33 +156,50 @@ def _read_header_lines(path: Path, size: int) -> tuple[list[tuple[int, str, str]
             return lines, pos
 
 
+_INT = re.compile(r"[+-]?[0-9]{1,30}")
+
+
+def _shown(value: str) -> str:
+    return repr(value if len(value) <= 40 else value[:37] + "...")
+
+
 def _parse_int(path: Path, key: str, value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise FormatError(f"{path}: header {key}={value!r} is not an integer") from None
+    # ASCII digits only: int() would also take "1_0", Arabic-Indic digits or 4000-digit numbers.
+    if not _INT.fullmatch(value):
+        raise FormatError(f"{path}: header {key}={_shown(value)} is not an integer")
+    return int(value)
 
 
 def _parse_int_list(path: Path, key: str, value: str) -> tuple[int, ...]:
     if value == "":
         return ()
-    try:
-        return tuple(int(part) for part in value.split(","))
-    except ValueError:
-        raise FormatError(f"{path}: header {key}={value!r} is not a comma-separated list of integers") from None
+    parts = [part.strip() for part in value.split(",")]
+    if len(parts) > MAX_DIMS or not all(_INT.fullmatch(part) for part in parts):
+        what = f"more than {MAX_DIMS} entries" if len(parts) > MAX_DIMS else "not a comma-separated list of integers"
+        raise FormatError(f"{path}: header {key}={_shown(value)} is {what}")
+    return tuple(int(part) for part in parts)
 
 
-def read_bin_header(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BIN_BYTES) -> BinHeader:
+def read_bin_header(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BIN_BYTES,
+                    allow_symlinks: bool | None = None) -> BinHeader:
     """Parse and validate the header of an ATB ``.bin`` file without touching its payload.
 
     Every consistency check happens here (dtype known, dims non-negative, payload size = prod(dims) x itemsize,
     ``$Object.Length`` and ``$Object.data`` agreeing), so a caller that only lists shapes still sees broken files.
     A stats-only file (msit ``--type stats``) returns its summaries in ``stats`` and skips the payload checks.
+    Nothing is allocated from the header's claims: a file claiming 10^12 elements is refused by arithmetic.
+    A symlink out of the dump root is refused unless ``allow_symlinks`` (default: ``AIT_LLM_ALLOW_SYMLINKS``).
     """
     p = Path(path)
-    size = _stat_regular_file(p, max_bytes)
-    lines, payload_offset = _read_header_lines(p, size)
+    fd, size = _open_regular_file(p, max_bytes, allow_symlinks)
+    try:
+        return _header_from(p, fd, size)
+    finally:
+        os.close(fd)
 
+
+def _header_from(p: Path, fd: int, size: int) -> BinHeader:
+    lines, payload_offset = _read_header_lines(p, fd, size)
     seen: dict[str, str] = {}
     for line_no, key, value in lines:
         if key in seen:
@@ -202,6 +244,8 @@ def read_bin_header(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BIN
     negative = [d for d in dims if d < 0]
     if negative:
         raise FormatError(f"{p}: dims={','.join(map(str, dims))} has a negative dimension")
+    if any(d > MAX_DIM for d in dims):
+        raise FormatError(f"{p}: dims={','.join(map(str, dims))} has a dimension over {MAX_DIM}")
 
     header = BinHeader(path=p, dtype_code=-1 if dtype_code is None else dtype_code, format=fmt, dims=dims,
                        payload_offset=payload_offset, payload_length=payload_length,
@@ -243,27 +287,36 @@ def read_bin_header(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BIN
     return header
 
 
-def read_bin(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BIN_BYTES) -> RawTensor:
+def read_bin(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BIN_BYTES,
+             allow_symlinks: bool | None = None) -> RawTensor:
     """The tensor in an ATB ``.bin`` file, its payload memory-mapped read-only (bf16 as uint16 patterns).
 
     The returned ``RawTensor.data`` is shaped ``dims``; nothing is read until it is used. Empty tensors (a 0 in
     dims) are valid and come back as an empty array.
     """
-    header = read_bin_header(path, max_bytes=max_bytes)
-    if header.is_stats_only:
-        raise FormatError(f"{header.path}: stats-only .bin (no tensor payload)")
-    acl = header.acl_dtype
-    numel = header.numel
-    if numel == 0:
-        data = np.empty(header.dims, dtype=acl.storage)
-    else:
-        try:
-            data = np.memmap(header.path, dtype=acl.storage, mode="r",
-                             offset=header.payload_offset + header.object_offset, shape=(numel,))
-        except (OSError, ValueError) as exc:
-            # The file changed between the header check and the mapping (e.g. still being written).
-            raise FormatError(f"{header.path}: cannot map payload ({exc})") from None
-        data = data.reshape(header.dims)
+    p = Path(path)
+    fd, size = _open_regular_file(p, max_bytes, allow_symlinks)
+    try:
+        header = _header_from(p, fd, size)
+        if header.is_stats_only:
+            raise FormatError(f"{header.path}: stats-only .bin (no tensor payload)")
+        acl = header.acl_dtype
+        numel = header.numel
+        if numel == 0:
+            data = np.empty(header.dims, dtype=acl.storage)
+        else:
+            # Map the file already opened and checked, not the name again: a name swapped for a FIFO meanwhile
+            # would block the mapping's open().
+            try:
+                with os.fdopen(os.dup(fd), "rb") as fh:
+                    data = np.memmap(fh, dtype=acl.storage, mode="r",
+                                     offset=header.payload_offset + header.object_offset, shape=(numel,))
+            except (OSError, ValueError) as exc:
+                # The file shrank between the header check and the mapping (e.g. still being written).
+                raise FormatError(f"{header.path}: cannot map payload ({exc})") from None
+            data = data.reshape(header.dims)
+    finally:
+        os.close(fd)
     return RawTensor(data=data, dtype=acl.name, shape=header.dims, path=header.path)
 
 

@@ -42,6 +42,14 @@ def _subdirs(path: Path) -> list[Path]:
         return []
 
 
+def _is_dir(path: Path) -> bool:
+    """``path.is_dir()`` that says False instead of raising (a 300-character op type is ENAMETOOLONG)."""
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):
+        return False
+
+
 def _is_root_name(name: str) -> bool:
     return name == "ait_dump" or name.startswith("msit_dump_")
 
@@ -56,6 +64,8 @@ class AtbRank:
     token_dirs: dict[int, Path]
     topology_paths: list[Path]
     layer_paths: list[Path] = field(default_factory=list)
+    #: Follow symlinks that leave the dump root (None: the AIT_LLM_ALLOW_SYMLINKS environment variable decides).
+    allow_symlinks: bool | None = field(default=None, compare=False)
     #: Topology files that failed to parse while choosing (one line each); the chosen one parsed.
     skipped_topologies: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
     _topology: AtbTopology | None = field(default=None, init=False, repr=False, compare=False)
@@ -87,7 +97,7 @@ class AtbRank:
         errors: list[str] = []
         for path in sorted(self.topology_paths, key=lambda p: p.name):
             try:
-                loaded.append(load_topology(path))
+                loaded.append(load_topology(path, allow_symlinks=self.allow_symlinks))
             except FormatError as exc:
                 errors.append(str(exc))
         if not loaded:
@@ -113,7 +123,7 @@ class AtbRank:
 
     def _layer_topology(self) -> AtbTopology:
         """A layer-only dump: each ``layer/{pid}/{opName}.json`` is one top-level op, ordered by its id."""
-        parts = [load_topology(p) for p in self.layer_paths]
+        parts = [load_topology(p, allow_symlinks=self.allow_symlinks) for p in self.layer_paths]
 
         def key(topo: AtbTopology) -> tuple[int, str]:
             first = topo.ops[0].folder if topo.ops else ""
@@ -131,6 +141,8 @@ class AtbDump:
 
     root: Path
     ranks: list[AtbRank]
+    #: As given to :func:`open_atb_dump`; readers of this dump's tensors should pass it on to ``read_bin``.
+    allow_symlinks: bool | None = field(default=None, compare=False)
 
     @property
     def tokens(self) -> list[int]:
@@ -160,14 +172,16 @@ def _locate(p: Path) -> tuple[Path, str | None, str | None]:
     raise LayoutError(f"{p}: not an ATB dump; expected {_EXPECTED}")
 
 
-def open_atb_dump(path: str | os.PathLike) -> AtbDump:
+def open_atb_dump(path: str | os.PathLike, *, allow_symlinks: bool | None = None) -> AtbDump:
     """Open an ATB dump from its root, a directory holding one root, a rank dir or a token dir.
 
     A token dir restricts the dump to that token (and its rank); a rank dir to that rank. The topology is not
     read here (see :meth:`AtbRank.topology`), so opening is cheap even for dumps with many topologies.
+    ``allow_symlinks``: follow symlinks that lead out of the dump root when reading its topology (and, through
+    ``AtbDump.allow_symlinks``, its tensors); None leaves it to the AIT_LLM_ALLOW_SYMLINKS environment variable.
     """
     p = Path(path)
-    if not p.is_dir():
+    if not _is_dir(p):
         raise LayoutError(f"{p}: no such directory; expected {_EXPECTED}")
     root, rank_only, token_only = _locate(p)
     tensors = root / "tensors"
@@ -189,11 +203,12 @@ def open_atb_dump(path: str | os.PathLike) -> AtbDump:
             token_dirs=token_dirs,
             topology_paths=sorted(q for q in model_dir.glob("*.json") if q.is_file()),
             layer_paths=sorted(q for q in layer_dir.glob("*.json") if q.is_file()),
+            allow_symlinks=allow_symlinks,
         ))
     if not ranks:
         raise LayoutError(f"{tensors}: no {{device}}_{{pid}} folders (e.g. 0_12345); expected {_EXPECTED}")
     ranks.sort(key=lambda r: (r.device_id, r.pid))
-    return AtbDump(root=root, ranks=ranks)
+    return AtbDump(root=root, ranks=ranks, allow_symlinks=allow_symlinks)
 
 
 def find_atb_dumps(path: str | os.PathLike, *, max_depth: int = 3) -> list[Path]:
@@ -229,7 +244,7 @@ def _tensor_files(folder: Path, prefix: str) -> list[Path]:
     pattern = re.compile(re.escape(prefix) + r"([0-9]+)\.bin")
     try:
         names = os.listdir(folder)
-    except OSError:
+    except (OSError, ValueError):
         return []
     hits = [(int(m.group(1)), folder / name) for name in names if (m := pattern.fullmatch(name))]
     return [p for _, p in sorted(hits)]
@@ -244,13 +259,13 @@ def op_dir(token_dir: str | os.PathLike, op: AtbOp) -> Path | None:
     """
     base = Path(token_dir)
     direct = base / op.rel_dir
-    if direct.is_dir():
+    if _is_dir(direct):
         return direct
     top = op
     while top.parent is not None:
         top = top.parent
     head, _, rest = op.rel_dir.partition("/")
-    if (base / head).is_dir():
+    if _is_dir(base / head):
         return None  # the layer is there, this op's folder is not: nothing to resolve
     pattern = re.compile(r"([0-9]+)_" + re.escape(top.op_type))
     numbered = sorted((int(m.group(1)), d) for d in _subdirs(base) if (m := pattern.fullmatch(d.name)))
@@ -258,7 +273,7 @@ def op_dir(token_dir: str | os.PathLike, op: AtbOp) -> Path | None:
         return None
     resolved = numbered[top.type_index][1]
     resolved = resolved / rest if rest else resolved
-    return resolved if resolved.is_dir() else None
+    return resolved if _is_dir(resolved) else None
 
 
 def op_files(token_dir: str | os.PathLike, op: AtbOp) -> OpFiles:

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import FormatError
+from .atomic import DEFAULT_MAX_JSON_BYTES, max_json_bytes, read_bounded
 
 #: Real models nest model -> layer -> sub-graph -> op (4 levels); anything past this is corrupt or hostile.
 MAX_DEPTH = 64
-#: Topologies of large models are tens of MB; a file far beyond that is not a topology.
-DEFAULT_MAX_TOPOLOGY_BYTES = 512 * 1024**2
+#: Topologies of large models are tens of MB; a file far beyond that is not a topology
+#: (override: ``max_bytes=`` or the AIT_LLM_MAX_JSON_BYTES environment variable).
+DEFAULT_MAX_TOPOLOGY_BYTES = DEFAULT_MAX_JSON_BYTES
 
 
 @dataclass(eq=False, repr=False)
@@ -100,9 +103,13 @@ def _where(path: Path | str | None) -> str:
     return str(path) if path is not None else "<topology>"
 
 
+_SUFFIX_ID = re.compile(r"[0-9]{1,18}")
+
+
 def _suffix_id(op_name: str) -> int | None:
+    # ASCII digits only and a sane length: str.isdigit() also accepts "²" (which int() refuses).
     tail = op_name.rsplit("_", 1)[-1] if "_" in op_name else ""
-    return int(tail) if tail.isdigit() else None
+    return int(tail) if _SUFFIX_ID.fullmatch(tail) else None
 
 
 class _Parser:
@@ -146,7 +153,7 @@ class _Parser:
             if not isinstance(value, str) or not value:
                 raise self.fail(jpath, f"{key} must be a non-empty string, got {value!r}")
             names[key] = value
-        if "/" in names["opType"] or "\\" in names["opType"] or names["opType"] in (".", ".."):
+        if any(c in names["opType"] for c in "/\\\0") or names["opType"] in (".", ".."):
             raise self.fail(jpath, f"opType {names['opType']!r} cannot be a folder name")
         param = node.get("param")
         if param is not None and not isinstance(param, (dict, str)):
@@ -259,21 +266,15 @@ def topology_to_json(topology: AtbTopology) -> dict:
     return {"modelName": topology.model_name, "nodes": [node(op) for op in topology.ops]}
 
 
-def load_json_file(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_TOPOLOGY_BYTES) -> Any:
-    """Decoded JSON of ``path``; any problem (missing, too large, not UTF-8, bad JSON) is a one-line FormatError."""
+def load_json_file(path: str | os.PathLike, *, max_bytes: int | None = None,
+                   allow_symlinks: bool | None = None) -> Any:
+    """Decoded JSON of ``path``; any problem (missing, a FIFO, too large, a symlink out of the dump, not UTF-8,
+    bad JSON, absurd nesting) is a one-line FormatError.
+
+    ``max_bytes`` defaults to AIT_LLM_MAX_JSON_BYTES if set, else :data:`DEFAULT_MAX_TOPOLOGY_BYTES`.
+    """
     p = Path(path)
-    try:
-        size = p.stat().st_size
-        if size > max_bytes:
-            raise FormatError(f"{p}: {size} bytes exceeds the limit of {max_bytes} bytes for a JSON file "
-                              f"(raise it with max_bytes=...)")
-        raw = p.read_bytes()
-    except FileNotFoundError:
-        raise FormatError(f"{p}: no such file") from None
-    except IsADirectoryError:
-        raise FormatError(f"{p}: is a directory, expected a JSON file") from None
-    except OSError as exc:
-        raise FormatError(f"{p}: cannot read ({exc.strerror or exc})") from None
+    raw = read_bounded(p, max_json_bytes(max_bytes), what="JSON file", allow_symlinks=allow_symlinks)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -284,8 +285,11 @@ def load_json_file(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_TOPO
         raise FormatError(f"{p}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     except RecursionError:
         raise FormatError(f"{p}: JSON nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer literal of more than 4300 digits
+        raise FormatError(f"{p}: invalid JSON ({exc})") from None
 
 
-def load_topology(path: str | os.PathLike) -> AtbTopology:
+def load_topology(path: str | os.PathLike, *, max_bytes: int | None = None,
+                  allow_symlinks: bool | None = None) -> AtbTopology:
     """Read and validate a topology JSON file (a model file, or a single-node layer file)."""
-    return parse_topology(load_json_file(path), path)
+    return parse_topology(load_json_file(path, max_bytes=max_bytes, allow_symlinks=allow_symlinks), path)

@@ -6,7 +6,9 @@ reporting code that must not pay for importing torch (the pytest plugin is loade
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat as stat_mod
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,11 +17,14 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import FormatError, LayoutError
+from .atomic import max_json_bytes, outside_dump_root, read_bounded
 from .files import OpFiles
 from .tensor import RawTensor
 
 __all__ = ["TorchModule", "TorchDump", "open_torch_dump", "load_model_tree", "load_torch_tensor",
            "MAX_TREE_DEPTH", "TENSOR_SUFFIXES"]
+
+_DIGITS = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() also accepts "²", which int() refuses
 
 #: Deeper trees are refused: real models nest a dozen levels, a deeper file is corrupt or hostile.
 MAX_TREE_DEPTH = 256
@@ -70,6 +75,8 @@ class TorchDump:
     root: Path
     tree: TorchModule
     token_dirs: dict[int, Path]
+    #: As given to :func:`open_torch_dump`; readers of this dump's tensors should pass it to ``load_torch_tensor``.
+    allow_symlinks: bool | None = field(default=None, compare=False)
 
     @property
     def tokens(self) -> list[int]:
@@ -88,9 +95,11 @@ class TorchDump:
         """
         folder = self.module_dir(token_id, module_name)
         files = OpFiles()
-        if not folder.is_dir():
-            return files
-        for path in folder.iterdir():
+        try:
+            entries = list(folder.iterdir()) if folder.is_dir() else []
+        except OSError:  # unreadable folder: nothing to compare, the report says no tensor was dumped
+            entries = []
+        for path in entries:
             match = _TENSOR_FILE.match(path.name)
             if match and path.is_file():
                 (files.inputs if match.group(1) == "input" else files.outputs).append(path)
@@ -117,8 +126,15 @@ def _ids(ids: list[int]) -> str:
 
 # -- locating a dump -------------------------------------------------------------------------------------------------
 
+def _listdir(folder: Path) -> list[Path]:
+    try:
+        return sorted(folder.iterdir())
+    except OSError as exc:
+        raise LayoutError(f"{folder}: cannot list ({exc.strerror or exc})") from None
+
+
 def _token_dirs(rank_dir: Path) -> dict[int, Path]:
-    return {int(p.name): p for p in rank_dir.iterdir() if p.is_dir() and p.name.isdigit()}
+    return {int(p.name): p for p in _listdir(rank_dir) if _DIGITS.fullmatch(p.name) and p.is_dir()}
 
 
 def _is_rank_dir(path: Path) -> bool:
@@ -132,31 +148,37 @@ def _rank_candidates(path: Path) -> list[Path]:
         return [path]
 
     def ranks_in(folder: Path) -> list[Path]:
-        return [p for p in sorted(folder.iterdir()) if _RANK_DIR.match(p.name) and _is_rank_dir(p)]
+        return [p for p in _listdir(folder) if _RANK_DIR.match(p.name) and _is_rank_dir(p)]
 
     found = ranks_in(path)
     if found:
         return found
     if (path / "torch_tensors").is_dir():
         return ranks_in(path / "torch_tensors")
-    for child in sorted(path.iterdir()):
+    for child in _listdir(path):
         if (child.name == "ait_dump" or child.name.startswith("msit_dump")) and (child / "torch_tensors").is_dir():
             found += ranks_in(child / "torch_tensors")
     return found
 
 
-def open_torch_dump(path: str | Path) -> TorchDump:
+def open_torch_dump(path: str | Path, *, allow_symlinks: bool | None = None) -> TorchDump:
     """Open a torch dump from any of its levels.
 
     ``path`` may be: a dump dir holding exactly one ``{PID}_{device}`` dir; that dir itself; a token dir in it
     (then only that token is visible); or the original tools' ``ait_dump/`` / ``msit_dump_*/`` roots with
     ``torch_tensors/{device}_{PID}/`` inside (or a folder holding exactly one such root).
+    ``allow_symlinks``: follow symlinks out of the dump (see :func:`load_torch_tensor`); None leaves it to the
+    AIT_LLM_ALLOW_SYMLINKS environment variable.
     """
     path = Path(path)
-    if not path.is_dir():
+    try:
+        is_dir = path.is_dir()
+    except (OSError, ValueError):
+        is_dir = False
+    if not is_dir:
         raise LayoutError(f"{path}: not a directory (expected a torch dump dir, its {{PID}}_{{device}} dir or a token dir)")
     only_token: int | None = None
-    if path.name.isdigit() and _is_rank_dir(path.parent) and _RANK_DIR.match(path.parent.name):
+    if _DIGITS.fullmatch(path.name) and _is_rank_dir(path.parent) and _RANK_DIR.match(path.parent.name):
         only_token, rank = int(path.name), path.parent
     else:
         ranks = _rank_candidates(path)
@@ -169,34 +191,38 @@ def open_torch_dump(path: str | Path) -> TorchDump:
     tree_path = rank / MODEL_TREE
     if not tree_path.is_file():
         raise LayoutError(f"{rank}: no {MODEL_TREE} beside the token dirs (the dump was cut short or filtered out)")
-    tree = load_model_tree(tree_path)
+    tree = load_model_tree(tree_path, allow_symlinks=allow_symlinks)
     tokens = _token_dirs(rank)
     if only_token is not None:
         tokens = {only_token: tokens[only_token]}
-    return TorchDump(root=rank, tree=tree, token_dirs=tokens)
+    return TorchDump(root=rank, tree=tree, token_dirs=tokens, allow_symlinks=allow_symlinks)
 
 
 # -- model_tree.json -------------------------------------------------------------------------------------------------
 
-def load_model_tree(path: str | Path) -> TorchModule:
+def load_model_tree(path: str | Path, *, max_bytes: int | None = None,
+                    allow_symlinks: bool | None = None) -> TorchModule:
     """Parse ``model_tree.json`` into :class:`TorchModule` nodes with ``order`` and ``depth`` filled in.
 
     Our files carry ``exec_order`` per node. The original tool's files do not; their order is then the file
     order (which the original sorted by when a module's forward *finished*, never-run modules first).
     A file with trailing garbage (the original rewrote it without truncating) is read up to the end of its
-    JSON value, with a warning.
+    JSON value, with a warning. Size: ``max_bytes``, else AIT_LLM_MAX_JSON_BYTES, else 512 MiB.
     """
     path = Path(path)
+    raw = read_bounded(path, max_json_bytes(max_bytes), what="model tree", allow_symlinks=allow_symlinks)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{path}: cannot read model tree ({exc.__class__.__name__}: {exc})") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"{path}: cannot read model tree (not UTF-8 text at byte {exc.start})") from None
     try:
         obj, end = json.JSONDecoder().raw_decode(text, _skip_ws(text, 0))
     except json.JSONDecodeError as exc:
         raise FormatError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
     except RecursionError:
         raise FormatError(f"{path}: JSON nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer literal of more than 4300 digits
+        raise FormatError(f"{path}: not valid JSON ({exc})") from None
     if _skip_ws(text, end) < len(text):
         warnings.warn(f"{path}: ignored {len(text) - end} bytes of trailing data after the model tree", stacklevel=2)
     return parse_model_tree(obj, path)
@@ -240,6 +266,9 @@ def _node(raw: Any, where: str, at: str, parent: TorchModule | None, depth: int)
     name, type_ = raw.get("name"), raw.get("type")
     if not isinstance(name, str) or not name:
         raise FormatError(f"{where}: node {at} has no 'name' string")
+    if any(c in name for c in "/\\\0") or name in (".", ".."):
+        # The name is a folder under each token dir: "../../x" would read outside the dump.
+        raise FormatError(f"{where}: node {at} name {name[:80]!r} cannot be a module folder name")
     if not isinstance(type_, str):
         raise FormatError(f"{where}: node {name!r} has no 'type' string")
     return TorchModule(name=name, type=type_, parent=parent, depth=depth)
@@ -252,12 +281,16 @@ def _exec_order(raw: dict, where: str, name: str) -> int:
     return value
 
 
+_NEVER_RAN = float("inf")
+
+
 def _sort_by_first_run(root: TorchModule, exec_orders: dict[int, int]) -> None:
     """Sort each node's children by the first run in their subtree; never-run subtrees last, in file order."""
     first: dict[int, float] = {}
     for module in reversed(list(root.walk())):  # children before parents
         own = exec_orders[id(module)]
-        first[id(module)] = min([float(own) if own >= 0 else float("inf")] + [first[id(c)] for c in module.children])
+        # ints and inf compare exactly; float(own) would overflow on a 400-digit exec_order
+        first[id(module)] = min([own if own >= 0 else _NEVER_RAN] + [first[id(c)] for c in module.children])
         module.children = [c for _, c in sorted(enumerate(module.children), key=lambda ic: (first[id(ic[1])], ic[0]))]
 
 
@@ -273,14 +306,19 @@ def _number(root: TorchModule, exec_orders: dict[int, int] | None) -> None:
 
 # -- tensors ---------------------------------------------------------------------------------------------------------
 
-def load_torch_tensor(path: str | Path) -> RawTensor:
+def load_torch_tensor(path: str | Path, *, allow_symlinks: bool | None = None) -> RawTensor:
     """Read one dumped tensor without copying it: .pth/.pt memory-mapped through ``torch.load``, .npy via numpy.
 
     ``torch.load`` runs with ``weights_only=True``: a pickle that would call arbitrary code (a dump is a file
     somebody gave you) is refused with :class:`FormatError`, as is any content that is not a single tensor.
-    bf16 comes back as uint16 bit patterns with ``dtype="bfloat16"``.
+    bf16 comes back as uint16 bit patterns with ``dtype="bfloat16"``. A symlink out of the dump root is refused
+    unless ``allow_symlinks`` (default: the AIT_LLM_ALLOW_SYMLINKS environment variable).
     """
     path = Path(path)
+    why = outside_dump_root(path, allow_symlinks=allow_symlinks)
+    if why:
+        raise FormatError(f"{path}: {why}")
+    _check_regular(path)
     if path.suffix == ".npy":
         return _load_npy(path)
     import pickle
@@ -302,6 +340,18 @@ def load_torch_tensor(path: str | Path) -> RawTensor:
     if not isinstance(obj, torch.Tensor):
         raise FormatError(f"{path}: holds a {type(obj).__name__}, not a tensor")
     return _raw_from_torch(obj, path)
+
+
+def _check_regular(path: Path) -> None:
+    """Refuse a FIFO or device before torch/numpy open it: reading one would block or never end."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FormatError(f"{path}: no such file") from None
+    except (OSError, ValueError) as exc:
+        raise FormatError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
+    if not stat_mod.S_ISREG(st.st_mode):
+        raise FormatError(f"{path}: not a regular file")
 
 
 def _torch_load(torch: Any, path: Path) -> Any:

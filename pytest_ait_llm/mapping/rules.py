@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MappingError
+from ..formats.atomic import max_json_bytes, read_bounded
 
 MAPPING_FILE_NAME = "op_mapping_file.json"
 
@@ -105,13 +106,13 @@ def _validated_entries(obj, path: Path):
         raise MappingError(f"{path}: top level must be a JSON object of ATB op type -> torch module type(s)")
     entries = []
     for key, value in obj.items():
-        if not isinstance(key, str) or not _NAME.match(key):
+        if not isinstance(key, str) or not _NAME.fullmatch(key):
             raise MappingError(f"{path}: key {key!r} must be letters, digits and '_' only")
         values = [value] if isinstance(value, str) else value
         if not isinstance(values, list) or not values:
             raise MappingError(f"{path}: value of {key!r} must be a string or a non-empty list of strings")
         for v in values:
-            if not isinstance(v, str) or not _NAME.match(v):
+            if not isinstance(v, str) or not _NAME.fullmatch(v):
                 raise MappingError(f"{path}: value {v!r} of key {key!r} must be letters, digits and '_' only")
         entries.append((key, tuple(values)))
     return entries
@@ -121,23 +122,42 @@ def load_mapping_file(path_or_dir: str | Path) -> tuple[MappingRule, ...]:
     """The rules of a user's ``op_mapping_file.json`` (a directory holding it, or the file itself).
 
     Values may be a string or a list of strings (the original iterated a string character by character).
-    Any invalid key or value is an error naming it, never a silent fallback to the built-ins.
+    Any invalid key or value is an error naming it, never a silent fallback to the built-ins; so is a key given
+    twice (JSON parsers keep the last one silently). The file is read with the JSON size limit
+    (AIT_LLM_MAX_JSON_BYTES, default 512 MiB).
     """
     path = Path(path_or_dir)
     if path.is_dir():
         path = path / MAPPING_FILE_NAME
     if not path.is_file():
         raise MappingError(f"{path}: mapping file not found (expected {MAPPING_FILE_NAME} in the given directory)")
+    raw = read_bounded(path, max_json_bytes(), what="mapping file", error=MappingError)
     try:
-        text = path.read_text(encoding="utf-8")
-        obj = json.loads(text)
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
     except UnicodeDecodeError:
         raise MappingError(f"{path}: not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise MappingError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
-    except OSError as exc:
-        raise MappingError(f"{path}: cannot read ({exc.strerror})") from None
+    except _DuplicateKey as exc:
+        raise MappingError(f"{path}: key {exc.args[0]!r} is given twice") from None
+    except RecursionError:
+        raise MappingError(f"{path}: JSON nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer literal of more than 4300 digits
+        raise MappingError(f"{path}: invalid JSON ({exc})") from None
     return _rules(_validated_entries(obj, path), str(path))
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
 
 
 def mapping_table(mapping_dir: str | Path | None = None) -> MappingTable:
