@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("-alg", "--custom-metric", action="append", default=[], metavar="FILE.py:FUNC",
                      help="an extra metric func(golden, my) -> number; becomes a CSV column (repeatable)")
     cmp.add_argument("--max-bin-bytes", type=int, help="largest .bin accepted (default 2 GiB, as the original)")
+    cmp.add_argument("--allow-symlinks", action="store_true", default=None,
+                     help="follow symlinks that point out of a dump root (refused by default)")
 
     dump = sub.add_parser("dump", help="run an ATB inference command with the ATB dump environment set")
     dump.add_argument("--exec", dest="exec_cmd", required=True, help='the command, e.g. "bash run.sh model.py"')
@@ -94,7 +96,8 @@ def _compare(args) -> int:
     metrics = [load_custom_metric(spec) for spec in args.custom_metric]
     result = run_compare(args.golden_path, args.my_path, mapping_dir=args.op_mapping_file, tolerance=tolerance,
                          output_dir=args.output, tokens=args.tokens, workers=args.workers, custom_metrics=metrics,
-                         max_bin_bytes=args.max_bin_bytes, progress=_progress())
+                         max_bin_bytes=args.max_bin_bytes, progress=_progress(),
+                         allow_symlinks=args.allow_symlinks)
     print(result.csv_path)
     print(result.summary())
     if args.fail_on_breach and not result.passed:

@@ -27,30 +27,34 @@ from .tolerance import Breach, Tolerance, default_bounds, effective_metrics, jud
 Progress = Callable[[int, int], None]
 
 
-def load_tensor(path: Path, *, max_bytes: int | None = None):
-    """A RawTensor from an ATB .bin or a torch .pth/.pt/.npy file."""
-    path = Path(path)
-    if path.suffix == ".bin":
-        return read_bin(path) if max_bytes is None else read_bin(path, max_bytes=max_bytes)
-    return load_torch_tensor(path)
+@dataclass(frozen=True)
+class ReadOptions:
+    """How dumped files are read: the .bin size limit and whether symlinks out of a dump root are followed."""
 
+    max_bin_bytes: int | None = None
+    allow_symlinks: bool | None = None
 
-def tensor_meta(path: Path) -> tuple[tuple[int, ...], str] | None:
-    """(shape, logical dtype) of a dumped tensor without reading its payload; None when it cannot be read."""
-    try:
-        if Path(path).suffix == ".bin":
-            header = read_bin_header(path)
-            dtype = ACL_DTYPES.get(header.dtype_code)
-            return tuple(header.dims), dtype.name if dtype else f"acl{header.dtype_code}"
-        t = load_torch_tensor(path)
-        return tuple(t.shape), t.dtype
-    except (AitLlmError, OSError):
-        return None
+    def load(self, path: Path):
+        """A RawTensor from an ATB .bin or a torch .pth/.pt/.npy file."""
+        path = Path(path)
+        if path.suffix == ".bin":
+            if self.max_bin_bytes is None:
+                return read_bin(path, allow_symlinks=self.allow_symlinks)
+            return read_bin(path, max_bytes=self.max_bin_bytes, allow_symlinks=self.allow_symlinks)
+        return load_torch_tensor(path, allow_symlinks=self.allow_symlinks)
 
-
-def tensor_shape(path: Path) -> tuple[int, ...] | None:
-    meta = tensor_meta(path)
-    return meta[0] if meta else None
+    def meta(self, path: Path) -> tuple[tuple[int, ...], str] | None:
+        """(shape, logical dtype) of a dumped tensor without reading its payload; None when it cannot be read."""
+        try:
+            if Path(path).suffix == ".bin":
+                kwargs = {} if self.max_bin_bytes is None else {"max_bytes": self.max_bin_bytes}
+                header = read_bin_header(path, allow_symlinks=self.allow_symlinks, **kwargs)
+                dtype = ACL_DTYPES.get(header.dtype_code)
+                return tuple(header.dims), dtype.name if dtype else f"acl{header.dtype_code}"
+            t = load_torch_tensor(path, allow_symlinks=self.allow_symlinks)
+            return tuple(t.shape), t.dtype
+        except (AitLlmError, OSError):
+            return None
 
 
 # ------------------------------------------------------------------------------------------------- file selection
@@ -98,7 +102,7 @@ def _primary_inputs(files: list[Path]) -> list[Path]:
     return positional or [f for f in files if _stem(f) == "input_hidden_states"]
 
 
-def _input_pairs(pair: OpPair, golden_files, my_files) -> list[tuple[Path, Path]]:
+def _input_pairs(pair: OpPair, golden_files, my_files, opts: ReadOptions) -> list[tuple[Path, Path]]:
     """Match the module's activation inputs to the op's float, non-weight intensors by shape, in order.
 
     These pairs measure the error an op *received*, so that its verdict can rest on the error it *adds*.
@@ -106,13 +110,13 @@ def _input_pairs(pair: OpPair, golden_files, my_files) -> list[tuple[Path, Path]
     names = pair.atb.in_tensors
     mine = []
     for f in my_files.inputs:
-        meta = tensor_meta(f) if not _is_weight_file(f, names) else None
+        meta = opts.meta(f) if not _is_weight_file(f, names) else None
         if meta is not None and meta[1] in _FLOAT and math.prod(meta[0]) > 1:
             mine.append((f, meta[0]))
     used: set[int] = set()
     out = []
     for g in _primary_inputs(golden_files.inputs):
-        meta = tensor_meta(g)
+        meta = opts.meta(g)
         if meta is None or meta[1] not in _FLOAT:
             continue
         for k, (m, m_shape) in enumerate(mine):
@@ -164,7 +168,8 @@ class Engine:
         self.tokens = tokens
         self.workers = workers or os.cpu_count() or 1
         self.custom_metrics = tuple(custom_metrics)
-        self.max_bin_bytes = max_bin_bytes
+        self.golden_opts = ReadOptions(max_bin_bytes, getattr(golden, "allow_symlinks", None))
+        self.my_opts = ReadOptions(max_bin_bytes, getattr(my, "allow_symlinks", None))
         self.progress = progress
 
     # -- pairing
@@ -176,10 +181,10 @@ class Engine:
             m = _pick(op_files(token_dir, pair.files_op).outputs, pair.atb_stem)
             if not g or not m:
                 return None
-            g_shape, m_shape = tensor_shape(g[0]), tensor_shape(m[0])
-            if g_shape is None or m_shape is None:
+            g_meta, m_meta = self.golden_opts.meta(g[0]), self.my_opts.meta(m[0])
+            if g_meta is None or m_meta is None:
                 return None
-            return shapes_compatible(g_shape, m_shape) is not None
+            return shapes_compatible(g_meta[0], m_meta[0]) is not None
         return compatible
 
     def run(self) -> CompareResult:
@@ -188,9 +193,15 @@ class Engine:
         tasks: list[_Task] = []
         all_tokens: set[int] = set()
         topologies = []
+        rank_errors: list[AitLlmError] = []
         for rank in self.my.ranks:
             rank_name = rank.path.name
-            topology = rank.topology()
+            try:
+                topology = rank.topology()
+            except AitLlmError as exc:  # e.g. a rank whose process died before writing its topology
+                rank_errors.append(exc)
+                rows.append(Row(None, 0, -1, rank_name, status=UNPAIRED, reason=f"rank not compared: {exc}"))
+                continue
             order = completion_order(topology)
             g_tokens, m_tokens = set(self.golden.tokens), set(rank.token_dirs)
             wanted = set(self.tokens) if self.tokens is not None else g_tokens | m_tokens
@@ -218,6 +229,8 @@ class Engine:
                 for pair in pairing.pairs:
                     tasks.extend(self._tasks(pair, token, token_dir, rank_name, order[id(pair.atb)]))
             topologies.append((rank_name, topology))
+        if rank_errors and not topologies:
+            raise rank_errors[0]  # no rank could be read: the comparison as a whole is impossible
         self._compute(tasks)
         for rank_name, topology in topologies:
             _judge_unpaired_regions(topology, [t for t in tasks if t.row.rank == rank_name])
@@ -230,7 +243,7 @@ class Engine:
     def _tasks(self, pair: OpPair, token: int, token_dir: Path, rank_name: str, order: int) -> list[_Task]:
         golden_files = self.golden.module_files(token, pair.module.name)
         my_files = op_files(token_dir, pair.files_op)
-        inputs = _input_pairs(pair, golden_files, op_files(token_dir, pair.atb))
+        inputs = _input_pairs(pair, golden_files, op_files(token_dir, pair.atb), self.my_opts)
         out = []
         for data_id, g, m in _output_pairs(pair, golden_files, my_files):
             row = Row(token, data_id, order, rank_name, atb_op=pair.atb.rel_dir, atb_op_name=pair.atb.op_name,
@@ -251,8 +264,8 @@ class Engine:
         if row.status != COMPARED or row.passed is False:
             return
         try:
-            golden = load_tensor(task.golden)
-            my = load_tensor(task.my, max_bytes=self.max_bin_bytes)
+            golden = self.golden_opts.load(task.golden)
+            my = self.my_opts.load(task.my)
             row.metrics = compare_tensors(golden, my, custom_metrics=self.custom_metrics)
         except AitLlmError as exc:
             row.reason, row.passed = str(exc), False
@@ -267,7 +280,7 @@ class Engine:
         in_results = []
         for g_path, m_path in task.inputs:
             try:
-                in_results.append(compare_tensors(load_tensor(g_path), load_tensor(m_path, max_bytes=self.max_bin_bytes)))
+                in_results.append(compare_tensors(self.golden_opts.load(g_path), self.my_opts.load(m_path)))
             except (AitLlmError, OSError):
                 continue
         row.input_metrics = _worst_inputs(in_results)
@@ -389,13 +402,15 @@ def _mark_divergence(rows: list[Row]) -> None:
 
 def compare_dumps(golden, my, *, mapping_dir=None, tolerance: Tolerance | None = None,
                   tokens: Sequence[int] | None = None, workers: int | None = None, custom_metrics=(),
-                  max_bin_bytes: int | None = None, progress: Progress | None = None) -> CompareResult:
+                  max_bin_bytes: int | None = None, progress: Progress | None = None,
+                  allow_symlinks: bool | None = None) -> CompareResult:
     """Compare a torch (golden) dump with an ATB (my) dump. No file is written (see ``pytest_ait_llm.api``).
 
-    ``golden``/``my`` are dump handles or paths (a dump root, a rank/pid dir, or a token dir).
+    ``golden``/``my`` are dump handles or paths (a dump root, a rank/pid dir, or a token dir). ``allow_symlinks``
+    applies to paths (None: the AIT_LLM_ALLOW_SYMLINKS environment variable decides).
     """
-    golden_dump = golden if isinstance(golden, TorchDump) else open_torch_dump(golden)
-    my_dump = my if isinstance(my, AtbDump) else open_atb_dump(my)
+    golden_dump = golden if isinstance(golden, TorchDump) else open_torch_dump(golden, allow_symlinks=allow_symlinks)
+    my_dump = my if isinstance(my, AtbDump) else open_atb_dump(my, allow_symlinks=allow_symlinks)
     engine = Engine(golden_dump, my_dump, mapping_dir=mapping_dir, tolerance=tolerance, tokens=tokens,
                     workers=workers, custom_metrics=custom_metrics, max_bin_bytes=max_bin_bytes, progress=progress)
     return engine.run()

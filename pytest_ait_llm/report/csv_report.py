@@ -116,5 +116,6 @@ def write_csv(result: CompareResult, output_dir: str | Path) -> Path:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)  # the empty reservation we made above: nothing of the user's
         raise
     return path
