@@ -1,0 +1,41 @@
+"""Installing the package activates the plugin in every pytest run of the environment: it must cost next to nothing.
+
+Measured with ``python -X importtime`` in a fresh interpreter, as a user would check it.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+HEAVY = ("torch", "numpy", "pandas", "matplotlib", "transformers", "pytest_html")
+_LINE = re.compile(r"^import time:\s+(\d+)\s+\|\s+(\d+)\s+\|(\s*)(\S+)$")
+
+
+def importtime(code: str) -> dict[str, tuple[int, int]]:
+    """module -> (self µs, cumulative µs) for the imports ``code`` triggers."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True)
+    times = {}
+    for line in proc.stderr.splitlines():
+        m = _LINE.match(line)
+        if m:
+            times[m.group(4)] = (int(m.group(1)), int(m.group(2)))
+    return times
+
+
+def test_plugin_imports_nothing_heavy():
+    modules = importtime("import pytest_ait_llm.plugin")
+    assert "pytest_ait_llm.plugin" in modules
+    heavy = sorted(m for m in modules if m.split(".")[0] in HEAVY)
+    assert not heavy, f"importing the plugin pulls in {heavy[:10]}"
+    ours = sorted(m for m in modules if m.startswith("pytest_ait_llm."))
+    assert ours == ["pytest_ait_llm.plugin"], f"the plugin imports engine modules at import time: {ours}"
+
+
+def test_plugin_import_is_under_100_ms():
+    """Cumulative time of ``pytest_ait_llm.plugin`` once pytest is loaded (the plugin only ever loads inside
+    pytest; pytest's own ~80 ms is not ours). Best of three runs, so a busy CI machine does not make it flaky."""
+    best = min(importtime("import pytest; import pytest_ait_llm.plugin")["pytest_ait_llm.plugin"][1]
+               for _ in range(3))
+    assert best < 100_000, f"importing the plugin took {best / 1000:.1f} ms"
