@@ -27,7 +27,8 @@ MARKER = "ait_tolerance"
 CSV_PROPERTY = "ait_llm_csv"
 VERDICT_PROPERTY = "ait_llm_verdict"
 
-_DEFAULTS = {"ait_token_range": "0,0", "ait_save_time": "3", "ait_save_part": "2", "ait_exec_timeout": "3600"}
+_DEFAULTS = {"ait_token_range": "0,0", "ait_save_time": "3", "ait_save_part": "2", "ait_exec_timeout": "3600",
+             "ait_allow_symlinks": "0"}
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ _OPTIONS = (
     _Option("--ait-save-part", "{0,1,2}", "which tensors are dumped: 0 inputs, 1 outputs, 2 both (default)."),
     _Option("--ait-exec-timeout", "SECONDS", "kill --ait-exec (its whole process group) after this many seconds "
             "(default 3600)."),
+    _Option("--ait-max-bin-bytes", "BYTES", "largest ATB .bin file read (default 2 GiB, the original tool's limit)."),
+    _Option("--ait-allow-symlinks", "{0,1}", "1: follow symlinks that point out of a dump root (refused by default)."),
 )
 
 
@@ -76,6 +79,8 @@ class Settings:
     save_time: int
     save_part: int
     exec_timeout: float
+    max_bin_bytes: int | None
+    allow_symlinks: bool
     invocation_dir: Path
     html_report: Path | None
     worker: str
@@ -176,6 +181,9 @@ def read_settings(config: pytest.Config) -> Settings:
         timeout = -1.0
     if not timeout > 0 or timeout != timeout or timeout == float("inf"):
         raise pytest.UsageError(f"{timeout_where}={timeout_value!r}: expected a positive number of seconds")
+    max_value, max_where = values["ait_max_bin_bytes"]
+    if max_value is not None and (not max_value.strip().isdigit() or int(max_value) <= 0):
+        raise pytest.UsageError(f"{max_where}={max_value!r}: expected a positive number of bytes")
     worker = getattr(config, "workerinput", {}).get("workerid", "main")
     return Settings(
         exec=exec_value,
@@ -188,6 +196,8 @@ def read_settings(config: pytest.Config) -> Settings:
                           "0 (before), 1 (after), 2 (both) or 3 (inputs before, outputs after)"),
         save_part=_choice(*values["ait_save_part"], (0, 1, 2), "0 (inputs), 1 (outputs) or 2 (both)"),
         exec_timeout=timeout,
+        max_bin_bytes=int(max_value) if max_value is not None else None,
+        allow_symlinks=bool(_choice(*values["ait_allow_symlinks"], (0, 1), "0 (refuse) or 1 (follow)")),
         invocation_dir=Path(config.invocation_params.dir),
         html_report=_html_report_path(config),
         worker=str(worker),
@@ -347,7 +357,8 @@ def atb_dump(request: pytest.FixtureRequest) -> AtbDump:
         from .errors import AitLlmError
         from .formats.atb_layout import open_atb_dump
 
-        return _call("--ait-my-path", (AitLlmError,), open_atb_dump, settings.my_path)
+        return _call("--ait-my-path", (AitLlmError,), open_atb_dump, settings.my_path,
+                     allow_symlinks=settings.allow_symlinks or None)
     if settings.exec:
         return request.getfixturevalue("ait_exec_run")()
     pytest.skip("atb_dump needs the ATB side: pass --ait-exec CMD (your ATB inference command, run with the dump "
@@ -417,7 +428,8 @@ def torch_dump(request: pytest.FixtureRequest, ait_llm_session_dir: Path) -> Tor
     if settings.golden_path is not None:
         from .formats.torch_layout import open_torch_dump
 
-        return _call("--ait-golden-path", (AitLlmError,), open_torch_dump, settings.golden_path)
+        return _call("--ait-golden-path", (AitLlmError,), open_torch_dump, settings.golden_path,
+                     allow_symlinks=settings.allow_symlinks or None)
     try:
         golden = request.getfixturevalue("ait_golden_model")
     except pytest.FixtureLookupError:
@@ -458,7 +470,8 @@ def compare_ops(request: pytest.FixtureRequest, ait_llm_session_dir: Path) -> Ca
     node = request.node
     calls = [0]
 
-    def compare(golden: Any, my: Any, **tolerance_overrides: Any) -> CompareResult:
+    def compare(golden: Any, my: Any, *, tokens: Any = None, ranks: Any = None,
+                **tolerance_overrides: Any) -> CompareResult:
         __tracebackhide__ = True
         from .api import run_compare
         from .errors import AitLlmError, ToleranceError
@@ -469,7 +482,8 @@ def compare_ops(request: pytest.FixtureRequest, ait_llm_session_dir: Path) -> Ca
         out = ait_llm_session_dir / "compare" / f"{_safe_name(node.nodeid)}-{calls[0]}"
         out.mkdir(parents=True, exist_ok=True)
         result = _call("compare_ops", (AitLlmError,), run_compare, golden, my, mapping_dir=settings.op_mapping_file,
-                       tolerance=tolerance, output_dir=out)
+                       tolerance=tolerance, output_dir=out, tokens=_as_list(tokens), ranks=_as_list(ranks),
+                       max_bin_bytes=settings.max_bin_bytes, allow_symlinks=settings.allow_symlinks or None)
         node.stash.setdefault(_RESULTS, []).append((result, out))
         if result.csv_path is not None:
             node.user_properties.append((CSV_PROPERTY, str(result.csv_path)))
@@ -479,6 +493,46 @@ def compare_ops(request: pytest.FixtureRequest, ait_llm_session_dir: Path) -> Ca
         return result
 
     return compare
+
+
+def _as_list(value: Any) -> list | None:
+    if value is None:
+        return None
+    return list(value) if isinstance(value, (list, tuple, set, range)) else [value]
+
+
+# ----------------------------------------------------------------------------------------------- scaling out
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize ``ait_token`` / ``ait_rank``: each token (and rank) of the dump becomes its own test.
+
+    Under ``pytest -n N`` (pytest-xdist) the tests spread over the workers::
+
+        def test_port_token(torch_dump, atb_dump, compare_ops, ait_token, ait_rank):
+            compare_ops(torch_dump, atb_dump, tokens=[ait_token], ranks=[ait_rank])
+
+    Tokens and ranks come from ``--ait-my-path`` when given (the dump's own), else tokens from
+    ``--ait-token-range`` and one ``ait_rank`` of None (all ranks).
+    """
+    wants_token, wants_rank = "ait_token" in metafunc.fixturenames, "ait_rank" in metafunc.fixturenames
+    if not (wants_token or wants_rank):
+        return
+    settings = _settings(metafunc.config)
+    tokens, ranks = settings.token_ids, [None]
+    if settings.my_path is not None:
+        from .errors import AitLlmError
+        from .formats.atb_layout import open_atb_dump
+
+        try:
+            dump = open_atb_dump(settings.my_path, allow_symlinks=settings.allow_symlinks or None)
+        except AitLlmError as err:
+            raise pytest.UsageError(f"--ait-my-path: {err}") from None
+        tokens = [t for t in dump.tokens if t in settings.token_ids] or dump.tokens
+        ranks = [rank.path.name for rank in dump.ranks]
+    if wants_token:
+        metafunc.parametrize("ait_token", tokens, ids=[f"token{t}" for t in tokens])
+    if wants_rank:
+        metafunc.parametrize("ait_rank", ranks, ids=[f"rank{r}" if r else "all-ranks" for r in ranks])
 
 
 # ------------------------------------------------------------------------------------------------------- reports

@@ -161,11 +161,13 @@ class Engine:
 
     def __init__(self, golden: TorchDump, my: AtbDump, *, mapping_dir=None, tolerance: Tolerance | None = None,
                  tokens: Sequence[int] | None = None, workers: int | None = None, custom_metrics=(),
-                 max_bin_bytes: int | None = None, progress: Progress | None = None):
+                 max_bin_bytes: int | None = None, progress: Progress | None = None,
+                 ranks: Sequence[str | int] | None = None):
         self.golden, self.my = golden, my
         self.table = mapping_table(mapping_dir)
         self.tolerance = tolerance or Tolerance()
         self.tokens = tokens
+        self.ranks = None if ranks is None else {str(r) for r in ranks if r is not None} or None
         self.workers = workers or os.cpu_count() or 1
         self.custom_metrics = tuple(custom_metrics)
         self.golden_opts = ReadOptions(max_bin_bytes, getattr(golden, "allow_symlinks", None))
@@ -196,6 +198,8 @@ class Engine:
         rank_errors: list[AitLlmError] = []
         for rank in self.my.ranks:
             rank_name = rank.path.name
+            if self.ranks is not None and not ({rank_name, str(rank.device_id)} & self.ranks):
+                continue
             try:
                 topology = rank.topology()
             except AitLlmError as exc:  # e.g. a rank whose process died before writing its topology
@@ -403,7 +407,7 @@ def _mark_divergence(rows: list[Row]) -> None:
 def compare_dumps(golden, my, *, mapping_dir=None, tolerance: Tolerance | None = None,
                   tokens: Sequence[int] | None = None, workers: int | None = None, custom_metrics=(),
                   max_bin_bytes: int | None = None, progress: Progress | None = None,
-                  allow_symlinks: bool | None = None) -> CompareResult:
+                  allow_symlinks: bool | None = None, ranks: Sequence[str | int] | None = None) -> CompareResult:
     """Compare a torch (golden) dump with an ATB (my) dump. No file is written (see ``pytest_ait_llm.api``).
 
     ``golden``/``my`` are dump handles or paths (a dump root, a rank/pid dir, or a token dir). ``allow_symlinks``
@@ -412,5 +416,6 @@ def compare_dumps(golden, my, *, mapping_dir=None, tolerance: Tolerance | None =
     golden_dump = golden if isinstance(golden, TorchDump) else open_torch_dump(golden, allow_symlinks=allow_symlinks)
     my_dump = my if isinstance(my, AtbDump) else open_atb_dump(my, allow_symlinks=allow_symlinks)
     engine = Engine(golden_dump, my_dump, mapping_dir=mapping_dir, tolerance=tolerance, tokens=tokens,
-                    workers=workers, custom_metrics=custom_metrics, max_bin_bytes=max_bin_bytes, progress=progress)
+                    workers=workers, custom_metrics=custom_metrics, max_bin_bytes=max_bin_bytes, progress=progress,
+                    ranks=ranks)
     return engine.run()

@@ -78,7 +78,8 @@ class CompareResult:
 
     @property
     def passed(self) -> bool:
-        return not self.breaches
+        """No breach, and something was compared: a comparison of nothing never passes silently."""
+        return bool(self.compared) and not self.breaches
 
     @property
     def first_divergence(self) -> Row | None:
@@ -113,6 +114,11 @@ class CompareResult:
 
     def failure_message(self) -> str:
         first = self.first_divergence
+        if first is None and not self.compared:
+            reasons = sorted({r.reason for r in self.rows if r.status == UNPAIRED and r.token_id is not None
+                              or r.reason.startswith("rank not compared")})
+            return ("nothing was compared: no tensor pair of the two dumps could be compared"
+                    + (f" ({'; '.join(reasons[:3])})" if reasons else f" (tokens compared: {self.tokens or 'none'})"))
         if first is None:
             return "no breach"
         lines = [f"first divergent op: {first.atb_op} ({first.atb_op_name}, {first.my_op_type}) "
