@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench screenshot clean
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	$(PY) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(STAMP)
 # pytest exits 5 when it collected no test; make then fails, and so does .ci/run.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p xdist -n 2 tests
+
+# Look at the demo's HTML report as a person would (needs Chromium: apt-get install chromium).
+screenshot: demo
+	$(BIN)/python scripts/report_screenshot.py out/demo/report.html out/demo/report.png
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_bench.py

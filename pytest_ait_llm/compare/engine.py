@@ -311,7 +311,7 @@ def _judge_unpaired_regions(topology, tasks: list[_Task]) -> None:
     An op's verdict rests on the error it adds over its inputs, so a wrong RopeOperation would otherwise pass
     unseen: the o_proj after it receives wrong inputs and adds nothing. Here, for each compared op whose inputs
     come (through the dataflow names of the topology) from unpaired ops, the error already in its inputs is set
-    against the error of the nearest *paired* ops upstream; when the jump breaks the op's bound, the row breaches
+    against the error of the nearest *paired* ops upstream (their sum); when the jump breaks the op's bound, the row breaches
     and the breach names the unpaired ops where the error arose.
     """
     paired: dict[int, list[_Task]] = {}
@@ -340,8 +340,9 @@ def _judge_unpaired_regions(topology, tasks: list[_Task]) -> None:
         if not unpaired_ops:
             continue
         upstream = [by_token.get((id(op), row.token_id)) for op in frontier]
-        upstream_err = max((r.metric(red) for r in upstream if r is not None and not math.isnan(r.metric(red))),
-                           default=0.0)
+        # errors of several inputs compound (a product's relative error is about the sum of its factors'):
+        # the sum is the most the unpaired ops could have received, so only error they made themselves remains
+        upstream_err = sum(r.metric(red) for r in upstream if r is not None and not math.isnan(r.metric(red)))
         jump = row.input_metrics[red] - upstream_err
         if jump > row.bounds[red]:
             names = ", ".join(op.rel_dir for op in unpaired_ops[:4]) + (" ..." if len(unpaired_ops) > 4 else "")

@@ -345,6 +345,10 @@ def run_atb_command(cmd: str | Sequence[str], *, output_dir: str | os.PathLike, 
     if len(roots) > 1:
         raise failed(f"--ait-exec {shown}: wrote {len(roots)} dump roots in {out} "
                      f"({', '.join(p.name for p in roots)}); expected one")
+    from ..errors import AitLlmError
     from ..formats.atb_layout import open_atb_dump
 
-    return open_atb_dump(roots[0])
+    try:
+        return open_atb_dump(roots[0])
+    except AitLlmError as err:  # exit 0 but a broken dump: show what the command said
+        raise failed(f"--ait-exec {shown}: exited 0 but its dump cannot be read: {err}") from None

@@ -55,11 +55,11 @@ def _verdict(row: Any) -> str:
 
 
 def worst_ops_table(result: Any, n: int = 10) -> str:
-    """An HTML table of the ``n`` worst compared ops (breaches first), always including the first divergence."""
-    rows = list(result.worst(n))
+    """An HTML table: the first divergence (the root cause) on top, then the worst other compared ops."""
     first = result.first_divergence
-    if first is not None and all(r is not first for r in rows):
-        rows.append(first)
+    rows = [r for r in result.worst(n) if r is not first]
+    if first is not None:
+        rows = [first] + rows[: n - 1]
     if not rows:
         return "<p>no compared op pairs</p>"
     head = ("<tr><th>order</th><th>token</th><th>ATB op</th><th>torch module</th><th>cos</th><th>RED</th>"

@@ -11,6 +11,7 @@ Agg API (no pyplot, so no global figure state and no GUI backend).
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -106,5 +107,11 @@ def plot_error_profile(result: Any, path: str | Path, *, title: str | None = Non
     ax.set_title(title or f"per-op error along the model ({verdict})", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    # write beside and rename: a crash never leaves half a PNG, and a reader never sees one
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
