@@ -195,6 +195,7 @@ class Engine:
         tasks: list[_Task] = []
         all_tokens: set[int] = set()
         topologies = []
+        checked: set[tuple[str, str]] = set()
         rank_errors: list[AitLlmError] = []
         for rank in self.my.ranks:
             rank_name = rank.path.name
@@ -219,6 +220,7 @@ class Engine:
             all_tokens.update(common)
             pairing = pair_ops(topology, self.golden.tree, self.table, self._compatible_for(rank, common[0]))
             unpaired_all.extend(pairing.unpaired)
+            checked.update((rank_name, rel) for rel in output_checked_by_a_part(pairing.pairs))
             for u in pairing.unpaired:
                 op = u.op
                 rows.append(Row(None, 0, order.get(id(op), -1) if u.side == "atb" else -1, rank_name,
@@ -240,7 +242,7 @@ class Engine:
             _judge_unpaired_regions(topology, [t for t in tasks if t.row.rank == rank_name])
         rows.extend(t.row for t in tasks)
         rows.sort(key=_row_key)
-        _mark_divergence(rows)
+        _mark_divergence(rows, checked)
         return CompareResult(rows, unpaired_all, self.tolerance, tokens=sorted(all_tokens),
                              golden_root=str(self.golden.root), my_root=str(self.my.root))
 
@@ -378,26 +380,42 @@ def _row_key(row: Row):
     return (row.token_id if row.token_id is not None else -1, row.rank, row.order, row.data_id, row.torch_module)
 
 
-def _mark_divergence(rows: list[Row]) -> None:
+def output_checked_by_a_part(pairs: Sequence[OpPair]) -> set[str]:
+    """rel_dirs of paired graph ops whose output tensor is also the output of one of their own paired parts.
+
+    Such a graph op's ATB value is already checked by that part: if the part agrees with its module and the graph
+    op disagrees with *its* module, the two torch modules do not hold the same thing (HF BloomMLP returns its
+    output plus the residual, while ATB's MlpGateLayerV2 ends at the down projection).
+    """
+    out = set()
+    for pair in pairs:
+        if pair.atb.is_leaf or not pair.atb.out_tensors:
+            continue
+        inside = {id(op) for op in pair.atb.walk()}
+        part_outputs = {name for p in pairs if p is not pair and id(p.atb) in inside for name in p.files_op.out_tensors}
+        if pair.atb.out_tensors[0] in part_outputs:
+            out.add(pair.atb.rel_dir)
+    return out
+
+
+def _mark_divergence(rows: list[Row], checked: set[tuple[str, str]]) -> None:
     """Mark the root cause and the propagated breaches; demote graph-op breaches that are mapping questions.
 
-    A graph op (e.g. an MLP block) whose own pair breaches while every one of its paired parts passes, and the next
-    compared op downstream passes too, cannot be a precision failure: the values agree before and after it. That is
-    a mapping question (HF BloomMLP returns its output plus the residual), reported as ``mapping_suspect``.
+    ``checked`` holds (rank, rel_dir) of graph ops whose output is a paired part's output (see
+    :func:`output_checked_by_a_part`). When such a graph op breaches while every one of its paired parts passes,
+    the mismatch cannot be precision: it is reported as ``mapping_suspect``, never as the first divergence.
     """
     compared = [r for r in rows if r.status == COMPARED]
-    for i, row in enumerate(compared):
-        if not row.breached or row.metrics is None:
+    for row in compared:
+        if not row.breached or row.metrics is None or (row.rank, row.atb_op) not in checked:
             continue
         prefix = row.atb_op + "/"
         parts = [r for r in compared if r.token_id == row.token_id and r.rank == row.rank
                  and r.atb_op.startswith(prefix)]
-        later = [r for r in compared[i + 1:] if r.token_id == row.token_id and r.rank == row.rank
-                 and not r.atb_op.startswith(prefix) and r.atb_op != row.atb_op]
-        if parts and all(p.passed for p in parts) and later and later[0].passed:
+        if parts and all(p.passed for p in parts):
             row.status = SUSPECT
-            row.note = ("values disagree while its parts and the next op agree: check the mapping "
-                        "(a torch module may return its output plus the residual)")
+            row.note = ("values disagree while its parts agree and its output is theirs: check the mapping "
+                        "(the torch module may return its output plus the residual)")
     first = True
     for row in rows:
         if row.breached:
