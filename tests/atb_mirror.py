@@ -143,3 +143,15 @@ def write_mirror(golden: TorchDump, out_dir: Path, *, num_layers: int, dtype=tor
         for rel, ins, outs in plan:
             writer.save_tensors(token, rel, [load(s) for s in ins], [load(s) for s in outs])
     return writer.root, truth
+
+
+def golden_llama_dump(out_dir: Path, *, num_layers: int, seq: int = 8, new_tokens: int = 2) -> TorchDump:
+    """A tiny HF Llama dumped by our hooks while generating ``new_tokens`` tokens (tokens 0..new_tokens-1)."""
+    from hf_models import input_ids, tiny_llama
+    from pytest_ait_llm.dump.torch_hooks import DumpConfig, register_hook
+    from pytest_ait_llm.formats.torch_layout import open_torch_dump
+
+    model = tiny_llama(num_layers=num_layers, hidden=64)
+    with register_hook(model, DumpConfig(dump_path=out_dir, token_range=range(new_tokens))) as handle:
+        model.generate(input_ids(seq=seq), max_new_tokens=new_tokens, do_sample=False)
+    return open_torch_dump(handle.dump_dir)

@@ -19,10 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from atb_mirror import write_mirror
-from hf_models import input_ids, tiny_llama
+from atb_mirror import golden_llama_dump, write_mirror
 from pytest_ait_llm.api import run_compare
-from pytest_ait_llm.dump.torch_hooks import DumpConfig, register_hook
 from pytest_ait_llm.errors import AitLlmError, FormatError, LayoutError
 from pytest_ait_llm.formats.atb_bin import read_bin, write_bin
 from pytest_ait_llm.formats.atomic import ALLOW_SYMLINKS_ENV
@@ -41,11 +39,7 @@ def no_symlink_opt_in(monkeypatch):
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     """(golden {PID}_{device} dir, ATB dump root) of a healthy pair; tests work on copies."""
-    model = tiny_llama(num_layers=LAYERS, hidden=64)
-    out = tmp_path_factory.mktemp("golden")
-    with register_hook(model, DumpConfig(dump_path=out, token_range=(0, 1))) as handle:
-        model.generate(input_ids(seq=8), max_new_tokens=2, do_sample=False)
-    golden = open_torch_dump(handle.dump_dir)
+    golden = golden_llama_dump(tmp_path_factory.mktemp("golden"), num_layers=LAYERS)
     root, _ = write_mirror(golden, tmp_path_factory.mktemp("my"), num_layers=LAYERS)
     return golden.root, root
 

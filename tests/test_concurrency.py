@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from atb_mirror import write_mirror
-from hf_models import input_ids, tiny_llama
+from atb_mirror import golden_llama_dump, write_mirror
 from pytest_ait_llm.api import run_compare
 from pytest_ait_llm.dump.atb_writer import AtbDumpWriter
 from pytest_ait_llm.dump.torch_hooks import DumpConfig, register_hook
@@ -28,7 +27,6 @@ from pytest_ait_llm.formats import atomic
 from pytest_ait_llm.formats.atb_bin import read_bin, write_bin
 from pytest_ait_llm.formats.atb_layout import op_files
 from pytest_ait_llm.formats.atb_topology import parse_topology
-from pytest_ait_llm.formats.torch_layout import open_torch_dump
 from pytest_ait_llm.report import csv_report
 
 LAYERS = 2
@@ -37,11 +35,7 @@ LAYERS = 2
 @pytest.fixture(scope="module")
 def dumps(tmp_path_factory):
     """(golden {PID}_{device} dir, ATB dump root): a healthy pair that every test here only reads."""
-    model = tiny_llama(num_layers=LAYERS, hidden=64)
-    out = tmp_path_factory.mktemp("golden")
-    with register_hook(model, DumpConfig(dump_path=out, token_range=(0, 1))) as handle:
-        model.generate(input_ids(seq=8), max_new_tokens=2, do_sample=False)
-    golden = open_torch_dump(handle.dump_dir)
+    golden = golden_llama_dump(tmp_path_factory.mktemp("golden"), num_layers=LAYERS)
     root, _ = write_mirror(golden, tmp_path_factory.mktemp("my"), num_layers=LAYERS)
     return golden.root, root
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -11,12 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from atb_mirror import write_mirror
-from hf_models import input_ids, tiny_llama
+from atb_mirror import golden_llama_dump, write_mirror
 from pytest_ait_llm.api import run_compare
 from pytest_ait_llm.compare.tolerance import Tolerance
-from pytest_ait_llm.dump.torch_hooks import DumpConfig, register_hook
-from pytest_ait_llm.formats.torch_layout import open_torch_dump
 from pytest_ait_llm.report.csv_report import AIT_COLUMNS
 
 LAYERS = 12
@@ -25,11 +21,7 @@ FAULTY = "root.model.layers.5.post_attention_layernorm"
 
 @pytest.fixture(scope="module")
 def golden(tmp_path_factory):
-    model = tiny_llama(num_layers=LAYERS, hidden=64)
-    out = tmp_path_factory.mktemp("golden")
-    with register_hook(model, DumpConfig(dump_path=out, token_range=(0, 1))) as handle:
-        model.generate(input_ids(seq=8), max_new_tokens=2, do_sample=False)
-    return open_torch_dump(handle.dump_dir)
+    return golden_llama_dump(tmp_path_factory.mktemp("golden"), num_layers=LAYERS)
 
 
 @pytest.fixture(scope="module")

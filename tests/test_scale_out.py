@@ -10,11 +10,8 @@ import numpy  # noqa: F401  (loaded before pytester's in-process runs, which can
 import torch  # noqa: F401
 
 import pytest_ait_llm.api  # noqa: F401
-from atb_mirror import write_mirror
-from hf_models import input_ids, tiny_llama
+from atb_mirror import golden_llama_dump, write_mirror
 from pytest_ait_llm.api import run_compare
-from pytest_ait_llm.dump.torch_hooks import DumpConfig, register_hook
-from pytest_ait_llm.formats.torch_layout import open_torch_dump
 
 pytest_plugins = ["pytester"]
 
@@ -23,12 +20,10 @@ pytest_plugins = ["pytester"]
 def two_token_two_rank(tmp_path_factory):
     """A golden dump of 2 tokens and an ATB dump of the same 2 tokens on 2 ranks."""
     out = tmp_path_factory.mktemp("scale")
-    model = tiny_llama(num_layers=2)
-    with register_hook(model, DumpConfig(dump_path=out / "golden", token_range=(0, 1))) as handle:
-        model.generate(input_ids(seq=6), max_new_tokens=2, do_sample=False)
-    root, _ = write_mirror(open_torch_dump(handle.dump_dir), out / "atb", num_layers=2)
+    golden = golden_llama_dump(out / "golden", num_layers=2, seq=6)
+    root, _ = write_mirror(golden, out / "atb", num_layers=2)
     shutil.copytree(root / "tensors" / "0_4242", root / "tensors" / "1_4242")
-    return handle.dump_dir, root
+    return golden.root, root
 
 
 TEST_SRC = '''

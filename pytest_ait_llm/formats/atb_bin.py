@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import stat as stat_mod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError
-from .atomic import atomic_write_bytes, outside_dump_root
+from .atomic import atomic_write_bytes, open_regular
 from .dtypes import ACL_DTYPES, BY_NAME, KNOWN_UNSUPPORTED, AclDtype, by_name
 from .tensor import RawTensor
 
@@ -85,34 +84,21 @@ def _supported_codes() -> str:
 
 
 def _open_regular_file(path: Path, max_bytes: int, allow_symlinks: bool | None) -> tuple[int, int]:
-    """(open fd, size) of a tensor file, after refusing what cannot be one: missing, a dir/FIFO/device, empty,
-    too large, or a symlink out of the dump. Opening first and checking the open file (not the name) means a
-    file swapped for a FIFO in between cannot block us."""
-    why = outside_dump_root(path, allow_symlinks=allow_symlinks)
-    if why:
-        raise FormatError(f"{path}: {why}")
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    except FileNotFoundError:
-        raise FormatError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise FormatError(f"{path}: not a regular file (a directory)") from None
-    except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
-        raise FormatError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
-    try:
-        st = os.fstat(fd)
-        if not stat_mod.S_ISREG(st.st_mode):
-            # A FIFO or device would block or never end; a directory is a layout mistake.
-            raise FormatError(f"{path}: not a regular file")
-        if st.st_size == 0:
-            raise FormatError(f"{path}: empty file (0 bytes), expected a .bin header ending in $End=1")
-        if st.st_size > max_bytes:
-            raise FormatError(f"{path}: {st.st_size} bytes exceeds the limit of {max_bytes} bytes "
-                              f"(raise it with max_bytes=..., e.g. max_bytes={st.st_size}, or --max-bin-bytes)")
-    except BaseException:
+    """(open fd, size) of a tensor file, after refusing what cannot be one (see ``atomic.open_regular``)."""
+    fd, size = open_regular(path, max_bytes, what="ATB .bin tensor", allow_symlinks=allow_symlinks,
+                            raise_hint=f"raise it with max_bytes=..., e.g. max_bytes={_size_hint(path)}, "
+                                       f"or --max-bin-bytes")
+    if size == 0:
         os.close(fd)
-        raise
-    return fd, st.st_size
+        raise FormatError(f"{path}: empty file (0 bytes), expected a .bin header ending in $End=1")
+    return fd, size
+
+
+def _size_hint(path: Path) -> int | str:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return "N"
 
 
 def _read_header_lines(path: Path, fd: int, size: int) -> tuple[list[tuple[int, str, str]], int]:

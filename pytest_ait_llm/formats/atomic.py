@@ -127,13 +127,14 @@ def outside_dump_root(path: str | os.PathLike, *, allow_symlinks: bool | None = 
     return None
 
 
-def read_bounded(path: str | os.PathLike, max_bytes: int, *, what: str = "file",
-                 allow_symlinks: bool | None = None, error: type[Exception] | None = None) -> bytes:
-    """The bytes of a small regular file, after refusing what would hang, exhaust memory or escape the dump.
+def open_regular(path: str | os.PathLike, max_bytes: int, *, what: str = "file", allow_symlinks: bool | None = None,
+                 error: type[Exception] | None = None, raise_hint: str = "") -> tuple[int, int]:
+    """(open fd, size) of a regular file no larger than ``max_bytes``, after refusing what cannot be read safely.
 
-    A FIFO would block ``read()`` forever, a file over ``max_bytes`` would be read whole into memory, and a
-    symlink out of the dump is refused (see :func:`outside_dump_root`). Every refusal is ``error`` (default
-    FormatError) with a one-line message naming the file.
+    Missing files, directories, FIFOs and devices (a FIFO would block a read forever), files over the limit, and
+    symlinks out of the dump (see :func:`outside_dump_root`) are ``error`` (default FormatError) with a one-line
+    message naming the file. The open file, not the name, is checked, so a file swapped for a FIFO in between
+    cannot block us. ``raise_hint`` tells how to raise the limit. The caller closes the fd.
     """
     err = error or FormatError
     p = Path(path)
@@ -145,16 +146,31 @@ def read_bounded(path: str | os.PathLike, max_bytes: int, *, what: str = "file",
     except FileNotFoundError:
         raise err(f"{p}: no such file") from None
     except IsADirectoryError:
-        raise err(f"{p}: is a directory, expected a {what}") from None
-    except (OSError, ValueError) as exc:
+        raise err(f"{p}: not a regular file (a directory), expected a {what}") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
         raise err(f"{p}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
     try:
         st = os.fstat(fd)
         if not stat_mod.S_ISREG(st.st_mode):
             raise err(f"{p}: not a regular file, expected a {what}")
         if st.st_size > max_bytes:
-            raise err(f"{p}: {st.st_size} bytes exceeds the limit of {max_bytes} bytes for a {what} "
-                      f"(raise it with max_bytes=... or {MAX_JSON_BYTES_ENV})")
+            raise err(f"{p}: {st.st_size} bytes exceeds the limit of {max_bytes} bytes for a {what} ({raise_hint})")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st.st_size
+
+
+def read_bounded(path: str | os.PathLike, max_bytes: int, *, what: str = "file",
+                 allow_symlinks: bool | None = None, error: type[Exception] | None = None) -> bytes:
+    """The bytes of a small regular file, after refusing what would hang, exhaust memory or escape the dump
+    (see :func:`open_regular`): a file over ``max_bytes`` would otherwise be read whole into memory."""
+    err = error or FormatError
+    p = Path(path)
+    fd, _ = open_regular(p, max_bytes, what=what, allow_symlinks=allow_symlinks, error=err,
+                         raise_hint=f"raise it with max_bytes=... or {MAX_JSON_BYTES_ENV}")
+    try:
+        st = os.fstat(fd)
         chunks = []
         remaining = max_bytes + 1  # the file may grow after fstat: never read past the limit
         step = min(st.st_size + 1, 1 << 20)  # os.read allocates what it is asked for: ask for what is there
