@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -302,7 +301,7 @@ class Engine:
         row.passed = not row.breaches
 
     def _compute(self, tasks: list[_Task]) -> None:
-        from .parallel import run_in_order  # forked worker processes, else threads; rows kept in task order
+        from .parallel import run_in_order  # forked worker processes or serial; rows kept in task order
 
         run_in_order(self, tasks, self.workers, self.progress)
 

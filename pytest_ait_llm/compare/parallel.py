@@ -2,7 +2,7 @@
 
 Why forked processes and not threads: the fused metrics pass is a loop of ~30 numpy calls per 32 Ki-element
 chunk and holds the GIL between calls. Measured on the 2-core box (docs/performance.md), two threads were *slower*
-than one (0.8x: the GIL changes hands on every call), while two forked processes were ~1.5-1.9x faster. Forking
+than one (0.7x: the GIL changes hands on every call), while two forked processes were 1.5-1.8x faster. Forking
 is cheap because the workers inherit the parent's imports (torch is already loaded to read ``.pth`` files).
 
 Serial is used when forking cannot help or cannot work: one worker, a dump too small to repay the fork (under
@@ -40,6 +40,7 @@ def choose_executor(workers: int, tasks: int, *, picklable: bool, task_bytes: in
     """``"serial"``, ``"threads"`` or ``"processes"`` for ``tasks`` pairs (``task_bytes`` to read) on ``workers``."""
     env = os.environ if env is None else env
     forced = env.get(EXECUTOR_ENV, "").strip().lower()
+    forced = forced if forced in EXECUTORS else ""  # an unknown value is ignored, never an error mid-run
     if workers <= 1 or tasks <= 1 or forced == "serial":
         return "serial"
     if forced == "threads":
