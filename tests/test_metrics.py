@@ -373,3 +373,21 @@ def test_custom_metric_file_that_fails_to_import(tmp_path):
     path.write_text("import definitely_not_a_module_xyz\n")
     with pytest.raises(AitLlmError, match="importing .* failed: ModuleNotFoundError"):
         load_custom_metric(f"{path}:f")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_light_input_pass_agrees_with_the_full_pass(dtype):
+    from pytest_ait_llm.compare.metrics import similarity
+
+    rng = np.random.default_rng(7)
+    g = rng.standard_normal((3, 5000)).astype(np.float32)
+    m = g * 1.03 + rng.standard_normal(g.shape).astype(np.float32) * 0.01
+    golden = RawTensor(g.reshape(-1), "float32", g.shape)
+    my = raw(m, dtype)
+    full = compare_tensors(golden, my).values
+    light = similarity(golden, my)
+    assert light["cosine_similarity"] == pytest.approx(full["cosine_similarity"], abs=1e-12)
+    assert light["relative_euclidean_distance"] == pytest.approx(full["relative_euclidean_distance"], rel=1e-9)
+    # what the full pass reports as not comparable, the light pass does not use
+    assert similarity(golden, RawTensor(np.full(15000, np.nan, np.float32), "float32", g.shape)) is None
+    assert similarity(golden, RawTensor(np.ones(7, np.float32), "float32", (7,))) is None

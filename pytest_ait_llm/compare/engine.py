@@ -19,7 +19,7 @@ from ..formats.torch_layout import TorchDump, load_torch_tensor, open_torch_dump
 from ..formats.atb_topology import AtbOp
 from ..mapping.pairing import OpPair, completion_order, is_weight, pair_ops
 from ..mapping.rules import mapping_table
-from .metrics import METRICS, compare_tensors, shapes_compatible
+from .metrics import compare_tensors, shapes_compatible, similarity
 from .result import COMPARED, SKIPPED, SUSPECT, UNPAIRED, CompareResult, Row
 from .tolerance import Breach, Tolerance, default_bounds, effective_metrics, judge
 
@@ -134,17 +134,13 @@ def _is_weight_file(path: Path, names: Sequence[str]) -> bool:
 
 # ------------------------------------------------------------------------------------------------------ the engine
 
-def _worst_inputs(results) -> dict[str, float] | None:
-    """The worst error over an op's inputs: lowest cosine, highest of every other metric."""
-    vals = [r.values for r in results if r is not None and not r.fail_reason]
+def _worst_inputs(results: list[dict[str, float] | None]) -> dict[str, float] | None:
+    """The worst error over an op's inputs: lowest cosine, highest relative euclidean distance."""
+    vals = [r for r in results if r]
     if not vals:
         return None
-    worst = {}
-    for name in METRICS:
-        xs = [v[name] for v in vals if not math.isnan(v[name])]
-        if xs:
-            worst[name] = min(xs) if name == "cosine_similarity" else max(xs)
-    return worst
+    return {"cosine_similarity": min(v["cosine_similarity"] for v in vals),
+            "relative_euclidean_distance": max(v["relative_euclidean_distance"] for v in vals)}
 
 
 def _coarser(*stats) -> str:
@@ -285,7 +281,7 @@ class Engine:
         in_results = []
         for g_path, m_path in task.inputs:
             try:
-                in_results.append(compare_tensors(self.golden_opts.load(g_path), self.my_opts.load(m_path)))
+                in_results.append(similarity(self.golden_opts.load(g_path), self.my_opts.load(m_path)))
             except (AitLlmError, OSError):
                 continue
         row.input_metrics = _worst_inputs(in_results)

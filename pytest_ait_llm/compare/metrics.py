@@ -472,6 +472,44 @@ def compare_tensors(golden: RawTensor, my: RawTensor, *, chunk: int = DEFAULT_CH
     return result
 
 
+def similarity(golden: RawTensor, my: RawTensor, *, chunk: int = DEFAULT_CHUNK) -> dict[str, float] | None:
+    """Cosine similarity and relative euclidean distance only, from a lighter pass than :func:`compare_tensors`.
+
+    This is what the engine measures on an op's *inputs*: the error the op received, against which the error it
+    adds is judged. Same definitions and shape rules as the full pass; None when the pair cannot be compared
+    (empty, short payload, incompatible shapes, int vs float, NaN/inf), so that such an input is simply not used.
+    """
+    chunk = max(1, min(int(chunk), CACHE_BLOCK))
+    if golden.numel == 0 or my.numel == 0 or any(t.data.size < t.numel for t in (golden, my)):
+        return None
+    rule = shapes_compatible(golden.shape, my.shape)
+    if rule is None or _is_float_dtype(golden.dtype) != _is_float_dtype(my.dtype):
+        return None
+    size = min(chunk, max(golden.numel, my.numel))
+    wg, wm = _Widener(golden, size), _Widener(my, size)
+    d = np.empty(size, np.float64)
+    gm = gg = mm = dd = 0.0
+    with np.errstate(all="ignore"):
+        for graw, mraw, _, _ in _plan(golden, my, rule, chunk):
+            g, m = wg(graw), wm(mraw)
+            diff = d[:g.size]
+            np.subtract(m, g, out=diff)
+            gm += _dot(g, m)
+            gg += _dot(g, g)
+            mm += _dot(m, m)
+            dd += _dot(diff, diff)
+    if not all(math.isfinite(x) for x in (gm, gg, mm, dd)):
+        return None
+    if gg == 0 and mm == 0:
+        cos = 1.0
+    elif gg == 0 or mm == 0:
+        cos = 0.0
+    else:
+        cos = min(1.0, max(-1.0, gm / (math.sqrt(gg) * math.sqrt(mm))))
+    red = (0.0 if dd == 0 else math.inf) if gg <= EPS * EPS else math.sqrt(dd / gg)
+    return {"cosine_similarity": cos, "relative_euclidean_distance": red}
+
+
 def _all_zero(st: TensorStats) -> bool:
     return st.max == 0 and st.min == 0
 
