@@ -190,3 +190,16 @@ def test_cli_bad_mapping_file_names_the_key(golden, healthy, tmp_path):
     (tmp_path / "op_mapping_file.json").write_text('{"Bad Key": "Linear"}')
     proc = _cli("compare", "-gp", golden.root, "-mp", healthy[0], "--op-mapping-file", tmp_path, "-o", tmp_path)
     assert proc.returncode == 2 and "'Bad Key'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_report_as_a_dataframe_matches_the_csv(healthy_result):
+    import pandas as pd
+
+    from pytest_ait_llm.report.csv_report import dataframe
+
+    frame = dataframe(healthy_result)
+    from_csv = pd.read_csv(healthy_result.csv_path, dtype=str, keep_default_na=False)
+    assert list(frame.columns) == list(from_csv.columns)
+    assert frame.astype(str).equals(from_csv.astype(str))
+    compared = frame[frame["status"] == "compared"]
+    assert compared["cosine_similarity"].astype(float).min() > 0.999

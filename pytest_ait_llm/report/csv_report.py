@@ -119,3 +119,11 @@ def write_csv(result: CompareResult, output_dir: str | Path) -> Path:
         path.unlink(missing_ok=True)  # the empty reservation we made above: nothing of the user's
         raise
     return path
+
+
+def dataframe(result: CompareResult):
+    """The report as a pandas DataFrame, same columns and values as the CSV (pandas imported only here)."""
+    import pandas as pd
+
+    custom = custom_columns(result)
+    return pd.DataFrame([row_values(row, custom) for row in result.rows], columns=AIT_COLUMNS + OUR_COLUMNS + custom)
