@@ -203,3 +203,16 @@ def test_report_as_a_dataframe_matches_the_csv(healthy_result):
     assert frame.astype(str).equals(from_csv.astype(str))
     compared = frame[frame["status"] == "compared"]
     assert compared["cosine_similarity"].astype(float).min() > 0.999
+
+
+def test_cli_custom_metric_becomes_a_csv_column(golden, healthy, tmp_path):
+    metric = tmp_path / "my_metrics.py"
+    metric.write_text("def peak_gap(golden, my):\n    return float(abs(golden.max() - my.max()))\n")
+    proc = _cli("compare", "-gp", golden.root, "-mp", healthy[0], "-o", tmp_path, "--tokens", "0",
+                "-alg", f"{metric}:peak_gap")
+    assert proc.returncode == 0, proc.stderr
+    with open(proc.stdout.splitlines()[0], newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    compared = [r for r in rows if r["status"] == "compared"]
+    assert compared and all(float(r["peak_gap"]) >= 0 for r in compared)
+    assert any(float(r["peak_gap"]) > 0 for r in compared)  # bf16 rounding moves some maxima
