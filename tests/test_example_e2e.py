@@ -41,7 +41,7 @@ def demo_run(tmp_path_factory):
 def test_demo_gates_the_healthy_port_and_names_the_injected_bug(demo_run):
     out, proc = demo_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert re.search(r"3 passed, 1 xfailed", proc.stdout), proc.stdout[-2000:]
+    assert re.search(r"4 passed, 1 xfailed", proc.stdout), proc.stdout[-2000:]
     assert "PASSED" in proc.stdout and "test_healthy_port" in proc.stdout
     assert (out / "report.html").is_file()
 

@@ -57,3 +57,14 @@ def test_five_percent_scale_error_is_caught(torch_dump, ait_exec_run, compare_op
         compare_ops(torch_dump, scaled)
     first_line = str(failure.value).strip().splitlines()[0]
     assert port.BUGS["scale"].rel_dir in first_line, str(failure.value)
+
+
+@pytest.mark.ait_tolerance(cos=0.999, red=0.02)
+def test_error_in_ops_without_a_torch_module_is_named(torch_dump, ait_exec_run, compare_ops):
+    """RoPE has no HF module: the breach lands on the o_proj that consumes its result, naming the RoPE op."""
+    rope = ait_exec_run(env={"PORT_BUG": "rope_scaling"})
+    with pytest.raises(AssertionError) as failure:
+        compare_ops(torch_dump, rope)
+    message = str(failure.value)
+    assert message.strip().splitlines()[0].startswith("first divergent op: 1_LlamaLayer/6_LinearOperation"), message
+    assert "1_LlamaLayer/4_RopeOperation" in message, message
