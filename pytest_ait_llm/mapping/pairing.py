@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 from ..formats.atb_topology import AtbOp, AtbTopology
 from ..formats.torch_layout import TorchModule
@@ -337,6 +337,3 @@ def pair_ops(topology: AtbTopology, tree: TorchModule, table: MappingTable,
     pairs.sort(key=lambda p: order[id(p.atb)])
     return Pairing(pairs, unpaired, a_layers, t_layers)
 
-
-def iter_atb(unpaired: Iterable[Unpaired]) -> list[Unpaired]:
-    return [u for u in unpaired if u.side == "atb"]
