@@ -19,6 +19,7 @@ import numpy as np
 from ..errors import FormatError, LayoutError
 from .atomic import max_json_bytes, outside_dump_root, read_bounded
 from .files import OpFiles
+from .pth_zip import read_plain_tensor
 from .tensor import RawTensor
 
 __all__ = ["TorchModule", "TorchDump", "open_torch_dump", "load_model_tree", "load_torch_tensor",
@@ -307,10 +308,12 @@ def _number(root: TorchModule, exec_orders: dict[int, int] | None) -> None:
 # -- tensors ---------------------------------------------------------------------------------------------------------
 
 def load_torch_tensor(path: str | Path, *, allow_symlinks: bool | None = None) -> RawTensor:
-    """Read one dumped tensor without copying it: .pth/.pt memory-mapped through ``torch.load``, .npy via numpy.
+    """Read one dumped tensor without copying it: .pth/.pt and .npy memory-mapped.
 
-    ``torch.load`` runs with ``weights_only=True``: a pickle that would call arbitrary code (a dump is a file
-    somebody gave you) is refused with :class:`FormatError`, as is any content that is not a single tensor.
+    A zip-format .pth holding one plain tensor is mapped without importing torch (:mod:`.pth_zip`); anything
+    else goes through ``torch.load`` with ``weights_only=True``: a pickle that would call arbitrary code (a dump
+    is a file somebody gave you) is refused with :class:`FormatError`, as is any content that is not a single
+    tensor.
     bf16 comes back as uint16 bit patterns with ``dtype="bfloat16"``. A symlink out of the dump root is refused
     unless ``allow_symlinks`` (default: the AIT_LLM_ALLOW_SYMLINKS environment variable).
     """
@@ -321,6 +324,9 @@ def load_torch_tensor(path: str | Path, *, allow_symlinks: bool | None = None) -
     _check_regular(path)
     if path.suffix == ".npy":
         return _load_npy(path)
+    raw = read_plain_tensor(path)
+    if raw is not None:
+        return raw
     import pickle
 
     import torch

@@ -1,0 +1,187 @@
+"""Read a one-tensor ``torch.save`` file without torch: parse its tiny pickle, memory-map its storage with numpy.
+
+``torch.load`` costs ~0.15-0.5 ms a file and importing torch ~1 s, yet a dumped golden tensor is one plain tensor
+in torch's zip format: a ~150-byte ``data.pkl`` naming one storage, and a stored member ``data/<key>`` holding its
+bytes. :func:`read_plain_tensor` reads exactly that. Anything else (legacy pre-zip files, containers, subclasses,
+other globals, big-endian payloads, odd zips) gets None, and the caller falls back to a weights-only
+``torch.load``, which keeps its refusals and error messages. The unpickler resolves no global outside a fixed
+list and calls nothing but OrderedDict and the rebuild stand-ins below.
+
+A plain tensor whose storage member is shorter than its pickle says, or compressed, raises :class:`FormatError`
+instead: a memory-mapped ``torch.load`` would silently read whatever bytes follow the member.
+"""
+from __future__ import annotations
+
+import io
+import mmap
+import os
+import pickle
+import stat
+import struct
+import sys
+import zipfile
+from collections import OrderedDict, namedtuple
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import FormatError
+from .tensor import RawTensor
+
+__all__ = ["read_plain_tensor"]
+
+#: our dtype name -> numpy storage dtype (bf16 stays uint16 bit patterns)
+_NUMPY = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "float64": "<f8", "int8": "i1", "uint8": "u1",
+          "int16": "<i2", "uint16": "<u2", "int32": "<i4", "uint32": "<u4", "int64": "<i8", "uint64": "<u8",
+          "bool": "?"}
+#: ``torch.<X>Storage`` (pickled by _rebuild_tensor_v2) -> dtype name
+_STORAGES = {"FloatStorage": "float32", "HalfStorage": "float16", "BFloat16Storage": "bfloat16",
+             "DoubleStorage": "float64", "IntStorage": "int32", "LongStorage": "int64", "ShortStorage": "int16",
+             "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool"}
+_MAX_PICKLE_BYTES = 1 << 16  # a plain tensor's data.pkl is ~150 bytes
+
+#: What a storage class (``dtype`` None: UntypedStorage, sized in bytes) or ``torch.<dtype>`` global unpickles
+#: to: only ever compared, never called (a pickle that calls one fails, and the file goes to torch).
+_Tag = namedtuple("_Tag", "kind dtype")
+#: What the rebuild stand-ins return: ``storage`` is what ``persistent_load`` returned.
+_Tensor = namedtuple("_Tensor", "storage dtype offset size stride")
+
+
+def _rebuild_v2(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+    if hooks or metadata or storage[2] is None:  # hooks / neg-conj bits / untyped storage: let torch decide
+        raise ValueError("not a plain tensor")
+    return _Tensor(storage, storage[2], offset, size, stride)
+
+
+def _rebuild_v3(storage, offset, size, stride, requires_grad, hooks, dtype, metadata=None):
+    if hooks or metadata or storage[2] is not None or not isinstance(dtype, _Tag) or dtype.kind != "dtype":
+        raise ValueError("not a plain tensor")
+    return _Tensor(storage, dtype.dtype, offset, size, stride)
+
+
+_GLOBALS = {("torch._utils", "_rebuild_tensor_v2"): _rebuild_v2, ("torch._utils", "_rebuild_tensor_v3"): _rebuild_v3,
+            ("collections", "OrderedDict"): OrderedDict,
+            ("torch.storage", "UntypedStorage"): _Tag("storage", None),
+            **{("torch", n): _Tag("storage", d) for n, d in _STORAGES.items()},
+            **{("torch", d): _Tag("dtype", d) for d in _NUMPY}}
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, data: bytes):
+        super().__init__(io.BytesIO(data))
+        self.storages: list[tuple] = []
+
+    def find_class(self, module: str, name: str):
+        found = _GLOBALS.get((module, name))
+        if found is None:
+            raise pickle.UnpicklingError(f"global {module}.{name} not allowed")
+        return found
+
+    def persistent_load(self, pid):
+        """``('storage', storage class, key, location, numel)`` -> ``(key, nbytes, dtype or None)``."""
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _Tag)
+                and pid[1].kind == "storage" and isinstance(pid[2], str) and _is_count(pid[4])) or self.storages:
+            raise pickle.UnpicklingError("not one storage")
+        dtype = pid[1].dtype
+        item = 1 if dtype is None else np.dtype(_NUMPY[dtype]).itemsize
+        self.storages.append((pid[2], pid[4] * item, dtype))
+        return self.storages[0]
+
+
+def _is_count(value) -> bool:
+    return type(value) is int and value >= 0
+
+
+def read_plain_tensor(path: Path) -> RawTensor | None:
+    """The tensor of a zip-format ``torch.save`` file holding one plain tensor, memory-mapped; else None.
+
+    Raises :class:`FormatError` only for a plain tensor whose storage member is cut short or compressed.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except (OSError, ValueError):
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        # One read-only map of the whole file: zipfile parses it without a syscall per seek and read, and the
+        # tensor is a view into it (pages are read when used).
+        return _read(mmap.mmap(fd, 0, access=mmap.ACCESS_READ), path)
+    except FormatError:
+        raise
+    except Exception:  # anything unusual: the torch path judges it and words the error
+        return None
+    finally:
+        os.close(fd)
+
+
+def _read(fh: mmap.mmap, path: Path) -> RawTensor | None:
+    if fh[:4] != b"PK\x03\x04":
+        return None
+    members = {info.filename: info for info in zipfile.ZipFile(fh).infolist()}
+    pkl = [name for name in members if name.endswith("/data.pkl") and name.count("/") == 1]
+    if len(pkl) != 1:
+        return None
+    prefix = pkl[0][:-len("data.pkl")]
+    if not all(name.startswith(prefix) for name in members):
+        return None
+    version = members.get(prefix + "version") or members.get(prefix + ".data/version")
+    if version is None or _member(fh, version, 8)[1].strip() not in (b"1", b"2", b"3"):
+        return None
+    order = members.get(prefix + "byteorder")
+    if (_member(fh, order, 8)[1] if order else sys.byteorder.encode()) != b"little":
+        return None
+    unpickler = _Unpickler(_member(fh, members[pkl[0]], _MAX_PICKLE_BYTES)[1])
+    tensor = unpickler.load()
+    if type(tensor) is not _Tensor or tensor.storage is not unpickler.storages[0]:
+        return None
+    return _map(fh, path, tensor, members[prefix + "data/" + tensor.storage[0]])
+
+
+def _member(fh: mmap.mmap, info: zipfile.ZipInfo, limit: int) -> tuple[int, bytes]:
+    """(offset of the member's bytes in the file, the bytes if no more than ``limit``); stored members only.
+
+    The local header's own name and extra lengths say where the bytes start (they may differ from the central
+    directory's)."""
+    if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+        raise ValueError("compressed member")
+    sig, name_len, extra_len = struct.unpack_from("<4s22xHH", fh, info.header_offset)
+    if sig != b"PK\x03\x04":
+        raise ValueError("bad local header")
+    offset = info.header_offset + 30 + name_len + extra_len
+    if offset + info.file_size > len(fh):
+        raise ValueError("member past the end of the file")
+    return offset, fh[offset:offset + info.file_size] if info.file_size <= limit else b""
+
+
+def _map(fh: mmap.mmap, path: Path, tensor: _Tensor, info: zipfile.ZipInfo) -> RawTensor | None:
+    size, stride, offset = tensor.size, tensor.stride, tensor.offset
+    if not (type(size) is tuple and type(stride) is tuple and len(size) == len(stride) and _is_count(offset)
+            and all(map(_is_count, size + stride))):
+        return None
+    _, nbytes, _ = tensor.storage
+    if info.compress_type != zipfile.ZIP_STORED or info.file_size < nbytes:
+        damage = "is compressed" if info.compress_type != zipfile.ZIP_STORED else \
+            f"holds {info.file_size} bytes where the tensor's storage has {nbytes}"
+        raise FormatError(f"{path}: not a torch tensor file (member {info.filename} {damage}; cut short or "
+                          f"rewritten, not as torch.save writes it)")
+    dtype = np.dtype(_NUMPY[tensor.dtype])
+    shape = tuple(size)
+    numel, contiguous = 1, True  # contiguous as torch has it: the stride of a size-1 dim does not matter
+    for n, s in zip(reversed(size), reversed(stride)):
+        contiguous = contiguous and (n == 1 or s == numel)
+        numel *= n
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride))  # highest element index touched
+    if numel == 0:
+        data = np.empty(0, dtype)
+        data.flags.writeable = False
+        return RawTensor(data=data, dtype=tensor.dtype, shape=shape, path=path)
+    if (last + 1) * dtype.itemsize > nbytes:  # the view would reach past its storage: torch says how
+        return None
+    start = _member(fh, info, 0)[0] + offset * dtype.itemsize
+    if contiguous:
+        data = np.frombuffer(fh, dtype, numel, start)
+    else:
+        data = np.lib.stride_tricks.as_strided(np.frombuffer(fh, dtype, last - offset + 1, start), shape,
+                                               tuple(s * dtype.itemsize for s in stride), writeable=False)
+    return RawTensor(data=data, dtype=tensor.dtype, shape=shape, path=path)
