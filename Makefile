@@ -6,10 +6,17 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench screenshot clean
 
-$(STAMP): pyproject.toml requirements-dev.txt
+DEPS := $(VENV)/.deps
+KERNEL_SRC := setup.py pytest_ait_llm/compare/_kernel.c pytest_ait_llm/compare/_kernel_loops.h
+
+$(DEPS): requirements-dev.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $(DEPS)
+
+# The package itself, editable; this also compiles the C comparison pass (gcc), again whenever its source changes.
+$(STAMP): $(DEPS) pyproject.toml $(KERNEL_SRC)
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 

@@ -10,8 +10,18 @@ import torch
 from pytest_ait_llm.compare.metrics import (
     EPS, METRICS, CustomMetric, PairMetrics, compare_tensors, load_custom_metric, shapes_compatible, tensor_stats,
 )
+from pytest_ait_llm.compare import fastpass
 from pytest_ait_llm.errors import AitLlmError
 from pytest_ait_llm.formats.tensor import RawTensor
+
+
+@pytest.fixture(autouse=True, params=["compiled", "numpy"])
+def metric_pass(request, monkeypatch):
+    """Every test here runs on both forms of the pass: the compiled kernel and the numpy fallback."""
+    if request.param == "compiled" and not fastpass.available():
+        pytest.skip("the compiled pass is not built here")
+    monkeypatch.setenv("AIT_LLM_KERNEL", request.param)
+    return request.param
 
 
 def raw(values, dtype: str, shape=None) -> RawTensor:

@@ -20,6 +20,7 @@ import numpy as np
 from ..errors import AitLlmError
 from ..formats.dtypes import by_name
 from ..formats.tensor import DEFAULT_CHUNK, RawTensor
+from . import fastpass
 
 METRICS = (
     "cosine_similarity",
@@ -236,6 +237,14 @@ class _StatsAcc:
             self.max = max(self.max, self.chunk_max)
         return nf == n
 
+    @classmethod
+    def from_slots(cls, slots: np.ndarray) -> "_StatsAcc":
+        """The same accumulator, read from the compiled pass's six slots of one side (see fastpass.py)."""
+        acc = cls()
+        acc.nan, acc.inf, acc.fin_n = (int(x) for x in slots[fastpass.NAN:fastpass.FIN + 1])
+        acc.sum, acc.min, acc.max = (float(x) for x in slots[fastpass.SUM:fastpass.MAX + 1])
+        return acc
+
     def result(self, t: RawTensor) -> TensorStats:
         nan = math.nan
         return TensorStats(
@@ -307,29 +316,39 @@ class _MetricAcc:
         self.rel_max = max(self.rel_max, float(e.max()))
 
     def result(self, golden_zero: bool, my_zero: bool) -> dict[str, float]:
-        if golden_zero and my_zero:
-            cos = 1.0
-        elif golden_zero or my_zero:
-            cos = 0.0
-        else:
-            denom = math.sqrt(self.gg) * math.sqrt(self.mm)
-            cos = min(1.0, max(-1.0, self.gm / denom)) if denom > 0 else math.nan
-        if self.gg <= EPS * EPS:
-            red = 0.0 if self.dd == 0 else math.inf
-        else:
-            red = math.sqrt(self.dd / self.gg)
-        # KL(p_g || p_m) = sum p_g (g - m) + LSE(m) - LSE(g); the LSE difference is formed from the shifts and the
-        # ratio of the scaled sums so that nearly equal tensors do not lose digits to cancellation.
-        kl = self.t / self.sg + (self.mm_max - self.mg) + math.log(self.sm / self.sg)
-        return {
-            "cosine_similarity": cos,
-            "max_relative_error": self.rel_max,
-            "mean_relative_error": self.rel_sum / self.n,
-            "max_absolute_error": self.abs_max,
-            "mean_absolute_error": self.abs_sum / self.n,
-            "kl_divergence": max(0.0, kl) if not math.isnan(kl) else math.nan,
-            "relative_euclidean_distance": red,
-        }
+        return _metric_values(self.n, self.gm, self.gg, self.mm, self.dd, self.abs_sum, self.abs_max, self.rel_sum,
+                              self.rel_max, self.mg, self.sg, self.t, self.mm_max, self.sm, golden_zero, my_zero)
+
+
+def _metric_values(n: float, gm: float, gg: float, mm: float, dd: float, abs_sum: float, abs_max: float,
+                   rel_sum: float, rel_max: float, shift_g: float, sum_g: float, t: float, shift_m: float,
+                   sum_m: float, golden_zero: bool, my_zero: bool) -> dict[str, float]:
+    """The report's numbers from the sums of either pass (numpy or compiled): Σg·m, Σg², Σm², Σ(m-g)², the
+    absolute/relative error sums and maxima, and the online log-sum-exp (shift, Σexp(x - shift)) of each side with
+    t = Σexp(g - shift_g)·(g - m)."""
+    if golden_zero and my_zero:
+        cos = 1.0
+    elif golden_zero or my_zero:
+        cos = 0.0
+    else:
+        denom = _norm_product(gg, mm)
+        cos = min(1.0, max(-1.0, gm / denom)) if denom > 0 else math.nan
+    if gg <= EPS * EPS:
+        red = 0.0 if dd == 0 else math.inf
+    else:
+        red = math.sqrt(dd / gg)
+    # KL(p_g || p_m) = sum p_g (g - m) + LSE(m) - LSE(g); the LSE difference is formed from the shifts and the
+    # ratio of the scaled sums so that nearly equal tensors do not lose digits to cancellation.
+    kl = t / sum_g + (shift_m - shift_g) + math.log(sum_m / sum_g)
+    return {
+        "cosine_similarity": cos,
+        "max_relative_error": rel_max,
+        "mean_relative_error": rel_sum / n,
+        "max_absolute_error": abs_max,
+        "mean_absolute_error": abs_sum / n,
+        "kl_divergence": max(0.0, kl) if not math.isnan(kl) else math.nan,
+        "relative_euclidean_distance": red,
+    }
 
 
 #: exp(x - shift) stays finite and its sum over any dump stays below 1e300 while x - shift <= LSE_SAFE; values more
@@ -413,6 +432,7 @@ def compare_tensors(golden: RawTensor, my: RawTensor, *, chunk: int = DEFAULT_CH
     Never raises for data problems: empty tensors, incompatible shapes, int-vs-float dtypes and NaN/inf become
     ``fail_reason`` (stats are still filled) and the metrics stay NaN.
     """
+    kernel_chunk = max(1, int(chunk))  # the compiled pass blocks for the cache itself
     chunk = max(1, min(int(chunk), CACHE_BLOCK))
     customs = [load_custom_metric(c) if isinstance(c, str) else c for c in custom_metrics]
     result = PairMetrics(values=_nan_values(), golden=None, my=None,
@@ -437,23 +457,10 @@ def compare_tensors(golden: RawTensor, my: RawTensor, *, chunk: int = DEFAULT_CH
     if _is_float_dtype(golden.dtype) != _is_float_dtype(my.dtype):
         return not_compared(f"dtype {golden.dtype} vs {my.dtype}: quantized or different tensor, not compared")
 
-    size = min(chunk, max(golden.numel, my.numel))
-    wg, wm = _Widener(golden, size), _Widener(my, size)
-    sg, sm = _StatsAcc(), _StatsAcc()
-    acc = _MetricAcc(size)
-    finite = True
-    with np.errstate(all="ignore"):  # NaN/inf/overflow are reported through fail_reason, never as warnings
-        for graw, mraw, count_g, count_m in _plan(golden, my, rule, chunk):
-            g, m = wg(graw), wm(mraw)
-            ok_g = sg.add(g) if count_g else True
-            ok_m = sm.add(m) if count_m else True
-            finite = finite and ok_g and ok_m
-            if finite:
-                # a broadcast block already counted in the stats is not re-counted, so its maximum is read here
-                acc.add(g, m, sg.chunk_max if count_g else float(g.max()), sm.chunk_max if count_m else float(m.max()))
-        result.golden, result.my = sg.result(golden), sm.result(my)
-        if finite:
-            result.values = acc.result(_all_zero(result.golden), _all_zero(result.my))
+    if fastpass.usable(golden, my):
+        finite = _compiled_pass(golden, my, rule, kernel_chunk, result)
+    else:
+        finite = _numpy_pass(golden, my, rule, chunk, result)
     if not finite:
         reasons = []
         if result.golden.nan_count or result.golden.inf_count:
@@ -472,6 +479,43 @@ def compare_tensors(golden: RawTensor, my: RawTensor, *, chunk: int = DEFAULT_CH
     return result
 
 
+def _numpy_pass(golden: RawTensor, my: RawTensor, rule: str, chunk: int, result: PairMetrics) -> bool:
+    """Fill ``result``'s stats and (when every value is finite) its metrics; False when some value is not."""
+    size = min(chunk, max(golden.numel, my.numel))
+    wg, wm = _Widener(golden, size), _Widener(my, size)
+    sg, sm = _StatsAcc(), _StatsAcc()
+    acc = _MetricAcc(size)
+    finite = True
+    with np.errstate(all="ignore"):  # NaN/inf/overflow are reported through fail_reason, never as warnings
+        for graw, mraw, count_g, count_m in _plan(golden, my, rule, chunk):
+            g, m = wg(graw), wm(mraw)
+            ok_g = sg.add(g) if count_g else True
+            ok_m = sm.add(m) if count_m else True
+            finite = finite and ok_g and ok_m
+            if finite:
+                # a broadcast block already counted in the stats is not re-counted, so its maximum is read here
+                acc.add(g, m, sg.chunk_max if count_g else float(g.max()), sm.chunk_max if count_m else float(m.max()))
+        result.golden, result.my = sg.result(golden), sm.result(my)
+        if finite:
+            result.values = acc.result(_all_zero(result.golden), _all_zero(result.my))
+    return finite
+
+
+def _compiled_pass(golden: RawTensor, my: RawTensor, rule: str, chunk: int, result: PairMetrics) -> bool:
+    """:func:`_numpy_pass` through the compiled kernel: same sums, same formulas, one C call per run."""
+    st = fastpass.run_full(golden, my, _plan(golden, my, rule, chunk))
+    result.golden = _StatsAcc.from_slots(st[fastpass.G_STATS:fastpass.G_STATS + 6]).result(golden)
+    result.my = _StatsAcc.from_slots(st[fastpass.M_STATS:fastpass.M_STATS + 6]).result(my)
+    if st[fastpass.FINITE] != 1.0:
+        return False
+    f = fastpass
+    result.values = _metric_values(*(float(st[i]) for i in (f.N, f.GM, f.GG, f.MM, f.DD, f.ABS_SUM, f.ABS_MAX,
+                                                            f.REL_SUM, f.REL_MAX, f.SHIFT_G, f.SUM_G, f.T,
+                                                            f.SHIFT_M, f.SUM_M)),
+                                   _all_zero(result.golden), _all_zero(result.my))
+    return True
+
+
 def similarity(golden: RawTensor, my: RawTensor, *, chunk: int = DEFAULT_CHUNK) -> dict[str, float] | None:
     """Cosine similarity and relative euclidean distance only, from a lighter pass than :func:`compare_tensors`.
 
@@ -479,12 +523,32 @@ def similarity(golden: RawTensor, my: RawTensor, *, chunk: int = DEFAULT_CHUNK) 
     adds is judged. Same definitions and shape rules as the full pass; None when the pair cannot be compared
     (empty, short payload, incompatible shapes, int vs float, NaN/inf), so that such an input is simply not used.
     """
+    kernel_chunk = max(1, int(chunk))
     chunk = max(1, min(int(chunk), CACHE_BLOCK))
     if golden.numel == 0 or my.numel == 0 or any(t.data.size < t.numel for t in (golden, my)):
         return None
     rule = shapes_compatible(golden.shape, my.shape)
     if rule is None or _is_float_dtype(golden.dtype) != _is_float_dtype(my.dtype):
         return None
+    if fastpass.usable(golden, my):
+        st = fastpass.run_light(golden, my, _plan(golden, my, rule, kernel_chunk))
+        gm, gg, mm, dd = (float(x) for x in st[fastpass.GM:fastpass.DD + 1])
+    else:
+        gm, gg, mm, dd = _numpy_dots(golden, my, rule, chunk)
+    if not all(math.isfinite(x) for x in (gm, gg, mm, dd)):
+        return None
+    if gg == 0 and mm == 0:
+        cos = 1.0
+    elif gg == 0 or mm == 0:
+        cos = 0.0
+    else:
+        cos = min(1.0, max(-1.0, gm / _norm_product(gg, mm)))
+    red = (0.0 if dd == 0 else math.inf) if gg <= EPS * EPS else math.sqrt(dd / gg)
+    return {"cosine_similarity": cos, "relative_euclidean_distance": red}
+
+
+def _numpy_dots(golden: RawTensor, my: RawTensor, rule: str, chunk: int) -> tuple[float, float, float, float]:
+    """Σg·m, Σg², Σm², Σ(m-g)² in float64 (the numpy form of the light pass)."""
     size = min(chunk, max(golden.numel, my.numel))
     wg, wm = _Widener(golden, size), _Widener(my, size)
     d = np.empty(size, np.float64)
@@ -498,16 +562,14 @@ def similarity(golden: RawTensor, my: RawTensor, *, chunk: int = DEFAULT_CHUNK) 
             gg += _dot(g, g)
             mm += _dot(m, m)
             dd += _dot(diff, diff)
-    if not all(math.isfinite(x) for x in (gm, gg, mm, dd)):
-        return None
-    if gg == 0 and mm == 0:
-        cos = 1.0
-    elif gg == 0 or mm == 0:
-        cos = 0.0
-    else:
-        cos = min(1.0, max(-1.0, gm / (math.sqrt(gg) * math.sqrt(mm))))
-    red = (0.0 if dd == 0 else math.inf) if gg <= EPS * EPS else math.sqrt(dd / gg)
-    return {"cosine_similarity": cos, "relative_euclidean_distance": red}
+    return gm, gg, mm, dd
+
+
+def _norm_product(gg: float, mm: float) -> float:
+    """sqrt(gg) * sqrt(mm), as one square root when the product is representable: identical tensors then give a
+    cosine of exactly 1.0 (sqrt(x)**2 is not always x)."""
+    product = gg * mm
+    return math.sqrt(product) if 0 < product < math.inf else math.sqrt(gg) * math.sqrt(mm)
 
 
 def _all_zero(st: TensorStats) -> bool:

@@ -1,0 +1,178 @@
+"""The compiled pass (compare/_kernel.c): the same numbers as the numpy pass and a float64 reference, on every
+instruction-set copy this CPU can run, at block edges, misaligned payloads, NaN/inf and extreme values."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pytest_ait_llm.compare import fastpass
+from pytest_ait_llm.compare.metrics import METRICS, compare_tensors, similarity
+from pytest_ait_llm.formats.tensor import RawTensor
+
+pytestmark = pytest.mark.skipif(fastpass._kernel is None, reason="the compiled pass is not built here")
+
+ISAS = ["avx512", "avx2", "baseline"]
+
+
+def test_the_compiled_pass_is_built_and_used_on_this_machine():
+    """`make` builds it (gcc is on every CI machine); without it every compare runs ~4x slower, silently."""
+    assert fastpass._kernel is not None
+    assert fastpass.isa() in ("avx512", "avx2")  # x86-64 CI hosts have AVX2
+    assert fastpass.available()
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    """Run the test on one copy of the loops, then give the process its default back."""
+    kernel = fastpass._kernel
+    default = kernel.isa()
+    try:
+        kernel.set_isa(request.param)
+    except ValueError:
+        pytest.skip(f"{request.param} not available on this CPU")
+    monkeypatch.setenv("AIT_LLM_KERNEL", "compiled")
+    yield request.param
+    kernel.set_isa(default)
+
+
+def as_raw(values: np.ndarray, dtype: str) -> RawTensor:
+    arr = np.asarray(values)
+    if dtype == "bfloat16":  # round to nearest even, as torch does
+        bits = np.ascontiguousarray(arr, np.float32).view(np.uint32)
+        data = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    else:
+        data = arr.astype(dtype)
+    return RawTensor(data.reshape(-1), dtype, tuple(arr.shape))
+
+
+def numpy_pass(golden: RawTensor, my: RawTensor, monkeypatch, **kw):
+    with monkeypatch.context() as m:
+        m.setenv("AIT_LLM_KERNEL", "numpy")
+        return compare_tensors(golden, my, **kw)
+
+
+def assert_same(got, want, rel=1e-9):
+    assert got.fail_reason == want.fail_reason
+    for name in METRICS:
+        a, b = got.values[name], want.values[name]
+        if math.isnan(b):
+            assert math.isnan(a), name
+        else:
+            assert a == pytest.approx(b, rel=rel, abs=1e-13), name
+    for side in ("golden", "my"):
+        g, w = getattr(got, side), getattr(want, side)
+        assert (g.nan_count, g.inf_count, g.numel, g.dtype, g.shape) == (w.nan_count, w.inf_count, w.numel, w.dtype,
+                                                                         w.shape), side
+        for stat in ("max", "min"):
+            assert getattr(g, stat) == getattr(w, stat) or (math.isnan(getattr(g, stat))
+                                                             and math.isnan(getattr(w, stat))), (side, stat)
+        assert g.mean == pytest.approx(w.mean, rel=1e-12, abs=1e-300) or math.isnan(w.mean), side
+
+
+@pytest.mark.parametrize("gdtype,mdtype", [("float32", "bfloat16"), ("float32", "float16"), ("float64", "float32"),
+                                           ("float16", "float16"), ("bfloat16", "float32")])
+@pytest.mark.parametrize("n", [1, 7, 8, 1023, 1024, 1025, 5000])
+def test_every_isa_copy_matches_the_numpy_pass(isa, monkeypatch, gdtype, mdtype, n):
+    """Sizes straddle the vector width (2/4/8) and the 1024-element block: the tails are masked, not dropped."""
+    rng = np.random.default_rng(n)
+    g = rng.standard_normal(n) * 4
+    g[::13] = 0.0  # |golden| <= EPS: no relative error
+    m = g * (1 + 0.02 * rng.standard_normal(n)) + 1e-3
+    golden, my = as_raw(g, gdtype), as_raw(m, mdtype)
+    assert_same(compare_tensors(golden, my), numpy_pass(golden, my, monkeypatch))
+    assert_same(compare_tensors(golden, my, chunk=5), numpy_pass(golden, my, monkeypatch))  # runs of 5 elements
+
+
+def test_misaligned_payloads_are_read_correctly(isa, monkeypatch):
+    """A .bin payload starts wherever its text header ends: float32 data at an odd byte offset."""
+    rng = np.random.default_rng(1)
+    values = rng.standard_normal(3001).astype(np.float32)
+    buf = bytearray(values.size * 4 + 3)
+    buf[3:] = values.tobytes()
+    odd = np.frombuffer(bytes(buf), np.float32, values.size, 3)
+    assert not odd.flags.aligned
+    golden = RawTensor(values, "float32", (values.size,))
+    my = RawTensor(odd, "float32", (values.size,))
+    result = compare_tensors(golden, my)
+    assert result.values["cosine_similarity"] == 1.0 and result.values["max_absolute_error"] == 0.0
+    assert result.my.min == values.min() and result.my.max == values.max()
+
+
+@pytest.mark.parametrize("where", [0, 1023, 1024, 4999])
+def test_nan_and_inf_anywhere_are_counted_exactly(isa, monkeypatch, where):
+    rng = np.random.default_rng(2)
+    g = rng.standard_normal(5000).astype(np.float32)
+    m = g.copy()
+    m[where] = np.nan
+    m[(where + 7) % 5000] = np.inf
+    m[(where + 9) % 5000] = -np.inf
+    golden, my = as_raw(g, "float32"), as_raw(m, "float32")
+    got = compare_tensors(golden, my)
+    assert got.my.nan_count == 1 and got.my.inf_count == 2
+    assert got.fail_reason.startswith("my_data includes NAN or inf.")
+    assert_same(got, numpy_pass(golden, my, monkeypatch))
+
+
+def test_extreme_values_keep_every_metric_finite_and_exact(isa, monkeypatch):
+    """Logits around +-1000 move the log-sum-exp shift; float64 values past float32's range take the exact
+    division; tiny values underflow exp() without a warning."""
+    rng = np.random.default_rng(3)
+    g = np.concatenate([rng.standard_normal(3000) * 5 - 900, rng.standard_normal(3000) * 5 + 1000,
+                        rng.standard_normal(2000) * 1e39, rng.standard_normal(500) * 1e-30])
+    m = g * (1 + 1e-3 * rng.standard_normal(g.size))
+    golden, my = as_raw(g, "float64"), as_raw(m, "float64")
+    got = compare_tensors(golden, my, chunk=1000)
+    assert all(math.isfinite(v) for v in got.values.values())
+    assert_same(got, numpy_pass(golden, my, monkeypatch), rel=1e-7)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_every_half_precision_bit_pattern_widens_exactly(isa, dtype):
+    """All 65536 patterns: normals, subnormals, signed zeros, infinities and NaNs, as numpy/torch read them."""
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    if dtype == "float16":
+        exact = bits.view(np.float16).astype(np.float64)
+        data = bits.view(np.float16)
+    else:
+        with np.errstate(invalid="ignore"):  # NaN patterns
+            exact = (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+        data = bits
+    finite = exact[np.isfinite(exact)]
+    got = compare_tensors(RawTensor(data, dtype, (bits.size,)), RawTensor(data, dtype, (bits.size,)))
+    assert got.golden.nan_count == int(np.isnan(exact).sum())
+    assert got.golden.inf_count == int(np.isinf(exact).sum())
+    assert (got.golden.min, got.golden.max) == (finite.min(), finite.max())
+    assert got.golden.mean == pytest.approx(finite.mean(), rel=1e-12)
+    # and the finite ones compare as identical
+    fin = RawTensor(data[np.isfinite(exact)], dtype, (finite.size,))
+    same = compare_tensors(fin, fin).values
+    assert same["max_absolute_error"] == 0.0 and same["relative_euclidean_distance"] == 0.0
+
+
+def test_light_pass_matches_on_every_isa(isa, monkeypatch):
+    rng = np.random.default_rng(4)
+    g = rng.standard_normal(4099)
+    m = g + 0.01 * rng.standard_normal(4099)
+    golden, my = as_raw(g, "float32"), as_raw(m, "bfloat16")
+    got = similarity(golden, my)
+    with monkeypatch.context() as ctx:
+        ctx.setenv("AIT_LLM_KERNEL", "numpy")
+        want = similarity(golden, my)
+    for name in want:
+        assert got[name] == pytest.approx(want[name], rel=1e-12), name
+
+
+def test_unknown_isa_is_refused_with_a_clear_message():
+    with pytest.raises(ValueError, match="instruction set neon is not available here"):
+        fastpass._kernel.set_isa("neon")
+
+
+def test_numpy_mode_switch(monkeypatch):
+    monkeypatch.setenv("AIT_LLM_KERNEL", "numpy")
+    assert not fastpass.available()
+    monkeypatch.setenv("AIT_LLM_KERNEL", "compiled")
+    assert fastpass.available()
+    monkeypatch.setenv("AIT_LLM_KERNEL", "bogus")  # ignored, as AIT_LLM_EXECUTOR's unknown values are
+    assert fastpass.available() == (fastpass.isa() != "baseline")
