@@ -32,6 +32,9 @@ enum {
     S_SIZE
 };
 
+/* |m - g| up to which exp(m) is formed as exp(g) * exp(m - g) (see kl_step in _kernel_loops.h). */
+static const double NEAR = 0.34;
+
 /* The original tool's epsilon (float32 machine epsilon): |golden| <= EPS contributes no relative error. */
 static const double EPS = 1.1920928955078125e-07;
 
