@@ -63,8 +63,7 @@ def probe_limit(spec: dict) -> dict:
 
 
 def probe_compare(spec: dict) -> dict:
-    from pytest_ait_llm.api import run_compare
-    import torch  # noqa: F401 - imported before the clock starts, as the CLI has it by then
+    from pytest_ait_llm.api import run_compare  # the compare path needs no torch (pth files are read by pth_zip)
 
     start = time.perf_counter()
     result = run_compare(spec["golden"], spec["my"], output_dir=spec["out"], workers=spec.get("workers"))

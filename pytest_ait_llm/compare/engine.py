@@ -4,12 +4,15 @@ Comparing never knows how the dumps were made; it asks formats/ for tensors and 
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
+
+import numpy as np
 
 from ..errors import AitLlmError
 from ..formats.atb_bin import read_bin, read_bin_header
@@ -73,13 +76,19 @@ def _pick(files: list[Path], stem: str | None) -> list[Path]:
 
 @dataclass
 class _Task:
-    """One tensor pair to compare, plus the input pairs that tell how much error the op received."""
+    """One tensor pair to compare, plus the input pairs that tell how much error the op received.
+
+    ``input_from[i]``, when set, is ``(index of the task comparing the op that produced input i, its golden path, its
+    my path)``: if both input files hold the same tensors as that task's files, the input's error is that task's
+    output error and the input files are not read through (see :func:`same_tensor`).
+    """
 
     row: Row
     golden: Path | None
     my: Path | None
-    inputs: list[tuple[Path, Path]]
+    inputs: list[tuple[Path, Path, str | None]]
     pair: OpPair | None = None
+    input_from: list[tuple[int, Path, Path] | None] | None = None
 
 
 def _output_pairs(pair: OpPair, golden_files, my_files) -> list[tuple[int, Path | None, Path | None]]:
@@ -109,27 +118,61 @@ def _input_pairs(pair: OpPair, golden_files, my_files, opts: ReadOptions) -> lis
     names = pair.atb.in_tensors
     mine = []
     for f in my_files.inputs:
-        meta = opts.meta(f) if not _is_weight_file(f, names) else None
+        name = _tensor_name(f, names)
+        meta = opts.meta(f) if not (name and is_weight(name)) else None
         if meta is not None and meta[1] in _FLOAT and math.prod(meta[0]) > 1:
-            mine.append((f, meta[0]))
+            mine.append((f, meta[0], name))
     used: set[int] = set()
     out = []
     for g in _primary_inputs(golden_files.inputs):
         meta = opts.meta(g)
         if meta is None or meta[1] not in _FLOAT:
             continue
-        for k, (m, m_shape) in enumerate(mine):
+        for k, (m, m_shape, name) in enumerate(mine):
             if k not in used and shapes_compatible(meta[0], m_shape):
                 used.add(k)
-                out.append((g, m))
+                out.append((g, m, name))
                 break
     return out
 
 
-def _is_weight_file(path: Path, names: Sequence[str]) -> bool:
+def _tensor_name(path: Path, names: Sequence[str]) -> str | None:
+    """The topology's name of an ATB tensor file ``intensor{k}``/``outtensor{k}``: ``names[k]``."""
     digits = "".join(ch for ch in _stem(path) if ch.isdigit())
     idx = int(digits) if digits else -1
-    return 0 <= idx < len(names) and is_weight(names[idx])
+    return names[idx] if 0 <= idx < len(names) else None
+
+
+#: Elements compared at each end of two payloads, and windows of SAMPLE_RUN elements spread over the rest.
+SAMPLE_ENDS, SAMPLE_WINDOWS, SAMPLE_RUN = 1024, 64, 16
+
+
+def same_tensor(a, b) -> bool:
+    """Whether two dumped tensors hold the same values, judged from a sample of their bytes.
+
+    Only ever asked of an op's input file and the output file of the op that produced it (linked by the topology's
+    tensor names), which are two dumps of one tensor: same dtype and shape, and then the first and last
+    SAMPLE_ENDS elements and SAMPLE_WINDOWS windows in between must be byte-identical (~12 KB read, not the
+    payloads). A tensor changed in place between the two dumps shows in the sample unless the change is confined to
+    a few elements; reusing the producer's error then still judges the op conservatively (on the error its output
+    has beyond what its producer's output had).
+    """
+    if a.dtype != b.dtype or tuple(a.shape) != tuple(b.shape) or a.numel != b.numel:
+        return False
+    fa, fb = (np.asarray(t.data).reshape(-1)[:t.numel] for t in (a, b))  # plain views: memmap slicing is slow
+    n = fa.size
+    if n <= 2 * SAMPLE_ENDS + SAMPLE_WINDOWS * SAMPLE_RUN:
+        return fa.tobytes() == fb.tobytes()
+    return all(fa[s].tobytes() == fb[s].tobytes() for s in _sample_spots(n))
+
+
+@functools.lru_cache(maxsize=256)
+def _sample_spots(n: int) -> tuple:
+    """The first and last SAMPLE_ENDS elements, and SAMPLE_WINDOWS runs between them gathered by one index."""
+    step = (n - 2 * SAMPLE_ENDS) // SAMPLE_WINDOWS
+    starts = SAMPLE_ENDS + step * np.arange(SAMPLE_WINDOWS)
+    windows = (starts[:, None] + np.arange(SAMPLE_RUN)).reshape(-1)
+    return slice(0, SAMPLE_ENDS), slice(n - SAMPLE_ENDS, n), windows
 
 
 # ------------------------------------------------------------------------------------------------------ the engine
@@ -225,10 +268,13 @@ class Engine:
                                 torch_module=u.name if u.side == "torch" else "",
                                 golden_op_type=u.op_type if u.side == "torch" else "",
                                 status=UNPAIRED, reason=u.reason))
+            producers = _producers(topology)
             for token in common:
                 token_dir = rank.token_dirs[token]
+                start = len(tasks)
                 for pair in pairing.pairs:
                     tasks.extend(self._tasks(pair, token, token_dir, rank_name, order[id(pair.atb)]))
+                _link_inputs(tasks, start, producers, token_dir)
             topologies.append((rank_name, topology))
         if rank_errors and not topologies:
             raise rank_errors[0]  # no rank could be read: the comparison as a whole is impossible
@@ -278,13 +324,40 @@ class Engine:
             golden = my = None  # noqa: F841 - drop the memory maps before the next pair
         if row.metrics.fail_reason:
             row.reason = row.metrics.fail_reason
-        in_results = []
-        for g_path, m_path in task.inputs:
-            try:
-                in_results.append(similarity(self.golden_opts.load(g_path), self.my_opts.load(m_path)))
-            except (AitLlmError, OSError):
+        sources = task.input_from or [None] * len(task.inputs)
+        row.input_parts = [self._input_error(g_path, m_path, src)
+                           for (g_path, m_path, _), src in zip(task.inputs, sources)]
+
+    def _input_error(self, g_path: Path, m_path: Path, source) -> dict[str, float] | int | None:
+        """The error of one input pair, or the index of the task whose output error it is (resolved in _finish)."""
+        try:
+            golden, my = self.golden_opts.load(g_path), self.my_opts.load(m_path)
+            if source is not None:
+                index, g_out, m_out = source
+                if same_tensor(golden, self.golden_opts.load(g_out)) and same_tensor(my, self.my_opts.load(m_out)):
+                    return index
+            return similarity(golden, my)
+        except (AitLlmError, OSError):
+            return None
+
+    def _finish(self, tasks: list[_Task]) -> None:
+        """Give each row its input error (taking reused ones from the producing tasks' rows) and its verdict."""
+        for task in tasks:
+            row = task.row
+            if row.status != COMPARED or row.metrics is None:
                 continue
-        row.input_metrics = _worst_inputs(in_results)
+            errors = []
+            for part, (g_path, m_path, _) in zip(row.input_parts, task.inputs):
+                if isinstance(part, int):
+                    source = tasks[part].row.metrics
+                    part = ({k: source.values[k] for k in ("cosine_similarity", "relative_euclidean_distance")}
+                            if source is not None and source.compared else self._input_error(g_path, m_path, None))
+                errors.append(part)
+            row.input_parts = []
+            row.input_metrics = _worst_inputs(errors)
+            self._judge(row)
+
+    def _judge(self, row: Row) -> None:
         dtype = _coarser(row.metrics.golden, row.metrics.my)
         row.bounds = self.tolerance.bounds_for(row.my_op_type, row.atb_op_name, dtype,
                                                row.atb_op, row.torch_module, row.golden_op_type)
@@ -297,9 +370,37 @@ class Engine:
         row.passed = not row.breaches
 
     def _compute(self, tasks: list[_Task]) -> None:
-        from .parallel import run_in_order  # forked worker processes or serial; rows kept in task order
+        from .parallel import run_in_order  # worker threads/processes or serial; rows kept in task order
 
         run_in_order(self, tasks, self.workers, self.progress)
+        self._finish(tasks)
+
+
+def _producers(topology) -> dict[str, list[AtbOp]]:
+    """Tensor name -> the ops that output it: the leaf that writes it and the graph ops it leaves, in topology
+    order (a graph op's output is its last part's)."""
+    out: dict[str, list[AtbOp]] = {}
+    for op in topology.walk():
+        for name in op.out_tensors:
+            out.setdefault(name, []).append(op)
+    return out
+
+
+def _link_inputs(tasks: list[_Task], start: int, producers: dict[str, list[AtbOp]], token_dir: Path) -> None:
+    """Set ``input_from`` of tasks[start:] (one token of one rank): for each input, a task that compares an output
+    file of an op producing it, when there is one."""
+    by_my = {str(t.my): i for i, t in enumerate(tasks[start:], start) if t.my is not None}
+    for task in tasks[start:]:
+        links = []
+        for _, _, name in task.inputs:
+            index = None
+            for op in producers.get(name, ()) if name else ():
+                outs = [f for f in op_files(token_dir, op).outputs if _tensor_name(f, op.out_tensors) == name]
+                index = by_my.get(str(outs[0])) if outs else None
+                if index is not None:
+                    break
+            links.append(None if index is None else (index, tasks[index].golden, tasks[index].my))
+        task.input_from = links if any(links) else None
 
 
 def _judge_unpaired_regions(topology, tasks: list[_Task]) -> None:

@@ -27,6 +27,7 @@ class Row:
     rule: str = ""
     metrics: Any = None  # compare.metrics.PairMetrics
     input_metrics: dict[str, float] | None = None
+    input_parts: list = field(default_factory=list)  # engine-internal, between computing and judging
     effective: dict[str, float] = field(default_factory=dict)
     bounds: dict[str, float] = field(default_factory=dict)
     breaches: list = field(default_factory=list)  # compare.tolerance.Breach

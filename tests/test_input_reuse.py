@@ -1,0 +1,101 @@
+"""An op's input error is taken from the pair that compares the op producing that input, when the two dumps of
+the tensor are the same; otherwise the input files are read. Reports must be the same either way."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from atb_mirror import golden_llama_dump, write_mirror
+from pytest_ait_llm.compare import engine as engine_mod
+from pytest_ait_llm.compare.engine import same_tensor
+from pytest_ait_llm.compare.metrics import similarity
+from pytest_ait_llm.api import run_compare
+from pytest_ait_llm.formats.atb_bin import read_bin, write_bin
+from pytest_ait_llm.formats.tensor import RawTensor
+
+LAYERS = 3
+
+
+@pytest.fixture(scope="module")
+def dumps(tmp_path_factory):
+    golden = golden_llama_dump(tmp_path_factory.mktemp("golden"), num_layers=LAYERS)
+    my, _ = write_mirror(golden, tmp_path_factory.mktemp("my"), num_layers=LAYERS)
+    return golden, my
+
+
+def _counting(monkeypatch):
+    seen = {"reused": 0, "read": 0}
+    original = engine_mod.Engine._input_error
+
+    def counted(self, g, m, source):
+        got = original(self, g, m, source)
+        seen["reused" if isinstance(got, int) else "read"] += 1
+        return got
+
+    monkeypatch.setattr(engine_mod.Engine, "_input_error", counted)
+    return seen
+
+
+def _rows(result):
+    return {(r.token_id, r.atb_op, r.data_id): r for r in result.compared}
+
+
+def test_reused_input_errors_equal_the_ones_read_from_the_files(dumps, tmp_path, monkeypatch):
+    golden, my = dumps
+    monkeypatch.setenv("AIT_LLM_EXECUTOR", "serial")
+    seen = _counting(monkeypatch)
+    reused = run_compare(golden, my, output_dir=tmp_path / "a")
+    assert seen["reused"] > seen["read"] > 0  # layer inputs and norm outputs feed the next op: most are reused
+    monkeypatch.setattr(engine_mod, "same_tensor", lambda a, b: False)
+    read = run_compare(golden, my, output_dir=tmp_path / "b")
+    a, b = _rows(reused), _rows(read)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key].input_metrics is None) == (b[key].input_metrics is None), key
+        if a[key].input_metrics:
+            for name, value in b[key].input_metrics.items():
+                assert a[key].input_metrics[name] == pytest.approx(value, rel=1e-9, abs=1e-15), (key, name)
+        assert a[key].passed == b[key].passed and a[key].breaches == b[key].breaches, key
+
+
+def test_an_input_changed_after_its_producer_was_dumped_is_read_not_reused(dumps, tmp_path, monkeypatch):
+    """The consumer's own intensor file differs from the producer's outtensor (an in-place write in between):
+    its input error must come from the file, i.e. show the change."""
+    import shutil
+
+    golden, my = dumps
+    mine = tmp_path / "my"
+    shutil.copytree(my, mine)
+    # the q_proj of layer 1 reads the output of that layer's input norm; spoil its copy of that tensor only
+    target = next(p for p in sorted(mine.rglob("intensor0.bin"))
+                  if "LinearOperation" in str(p) and "1_" in p.parts[-4] and "before" in str(p))
+    t = read_bin(target)
+    spoiled = t.to_float64().astype(np.float32) * 1.5
+    write_bin(target, spoiled.reshape(t.shape), dtype="bfloat16" if t.dtype == "bfloat16" else t.dtype)
+    monkeypatch.setenv("AIT_LLM_EXECUTOR", "serial")
+    result = run_compare(golden, mine, output_dir=tmp_path / "out")
+    consumer = [r for r in result.compared if Path(r.my_path).parent.parent == target.parent.parent]
+    assert consumer, "the spoiled op was compared"
+    for row in consumer:
+        assert row.input_metrics is not None
+        assert row.input_metrics["relative_euclidean_distance"] > 0.3  # the 50 % error in its input file is seen
+
+
+def test_same_tensor_checks_dtype_shape_and_sampled_bytes():
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal(100_000).astype(np.float32)
+    a = RawTensor(values, "float32", (100_000,))
+    assert same_tensor(a, RawTensor(values.copy(), "float32", (100_000,)))
+    assert not same_tensor(a, RawTensor(values.reshape(1000, 100), "float32", (1000, 100)))
+    assert not same_tensor(a, RawTensor(values.astype(np.float16), "float16", (100_000,)))
+    for where in (0, 500, 50_000, 99_999):  # at an end, in a sampled window, the last element
+        changed = values.copy()
+        changed[where if where != 50_000 else 1024 + ((100_000 - 2048) // 64) * 32] += 1.0
+        assert not same_tensor(a, RawTensor(changed, "float32", (100_000,))), where
+    small = values[:3000].copy()
+    other = small.copy()
+    other[1500] = 7.0  # small tensors are compared whole
+    assert not same_tensor(RawTensor(small, "float32", (3000,)), RawTensor(other, "float32", (3000,)))
