@@ -53,19 +53,21 @@ def choose_executor(workers: int, tasks: int, *, picklable: bool, task_bytes: in
     return "processes"
 
 
-def _task_bytes(tasks: Sequence[Any]) -> int:
-    """Bytes the tasks will read (their output and input files), from the file sizes."""
-    total = 0
+def _task_sizes(tasks: Sequence[Any]) -> list[int]:
+    """Bytes each task will read (its output and input files), from the file sizes."""
+    sizes = []
     for task in tasks:
         paths = [getattr(task, "golden", None), getattr(task, "my", None)]
-        paths += [p for pair in getattr(task, "inputs", ()) or () for p in pair]
+        paths += [p for pair in getattr(task, "inputs", ()) or () for p in pair[:2]]
+        total = 0
         for path in paths:
             if path:
                 try:
                     total += os.path.getsize(path)
                 except OSError:
                     pass
-    return total
+        sizes.append(total)
+    return sizes
 
 
 def run_in_order(engine: Any, tasks: Sequence[Any], workers: int, progress: Progress | None = None) -> str:
@@ -77,7 +79,11 @@ def run_in_order(engine: Any, tasks: Sequence[Any], workers: int, progress: Prog
     total = len(tasks)
     lean = _lean_copy(engine) if workers > 1 and total > 1 else None
     picklable = lean is not None and _pickles(tasks[0])
-    kind = choose_executor(workers, total, picklable=picklable, task_bytes=_task_bytes(tasks) if picklable else None)
+    sizes = _task_sizes(tasks) if workers > 1 and total > 1 else [0] * total
+    kind = choose_executor(workers, total, picklable=picklable, task_bytes=sum(sizes) if picklable else None)
+    # Workers take the largest pairs first, so that no big pair is left to one worker at the end (an LLM's
+    # logits are often the largest tensor and come last); rows are still stored in task order.
+    largest_first = sorted(range(total), key=lambda i: -sizes[i])
     done = 0
 
     def tick() -> None:
@@ -92,11 +98,11 @@ def run_in_order(engine: Any, tasks: Sequence[Any], workers: int, progress: Prog
             tick()
     elif kind == "threads":
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for _ in pool.map(engine._compare_one, tasks):
+            for _ in pool.map(engine._compare_one, [tasks[i] for i in largest_first]):
                 tick()
     else:
-        for task, row in zip(tasks, _fork_map(lean, tasks, workers)):
-            task.row = row
+        for i, row in zip(largest_first, _fork_map(lean, [tasks[i] for i in largest_first], workers)):
+            tasks[i].row = row
             tick()
     return kind
 
@@ -130,9 +136,12 @@ def _fork_map(lean: Any, tasks: Sequence[Any], workers: int) -> Iterable[Any]:
         # Python >= 3.12 warns that forking a multi-threaded process may deadlock the child; the child only reads
         # files and runs numpy, never a lock another parent thread could hold (torch is made single-threaded).
         warnings.filterwarnings("ignore", message=r".*use of fork\(\) may lead to deadlocks.*")
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker)
+        # the engine reaches the workers once, through the fork; each task travels without its op pair (the op
+        # trees, ~20 KB a task), which only the parent's judging needs
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
+                                   initargs=(lean,))
         try:
-            futures = [pool.submit(_compare_in_worker, lean, task) for task in tasks]
+            futures = [pool.submit(_compare_in_worker, _without_pair(task)) for task in tasks]
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
@@ -147,14 +156,27 @@ def _fork_map(lean: Any, tasks: Sequence[Any], workers: int) -> Iterable[Any]:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _init_worker() -> None:
-    """Keep each forked worker on one thread: torch's OpenMP pool does not survive a fork, and one thread per
-    process is what the parallelism across pairs assumes."""
+_WORKER_ENGINE: Any = None
+
+
+def _init_worker(lean: Any) -> None:
+    """Keep the engine for this worker's tasks, and the worker on one thread: torch's OpenMP pool does not survive
+    a fork, and one thread per process is what the parallelism across pairs assumes."""
+    global _WORKER_ENGINE
+    _WORKER_ENGINE = lean
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_num_threads(1)
 
 
-def _compare_in_worker(lean: Any, task: Any) -> Any:
-    lean._compare_one(task)
+def _without_pair(task: Any) -> Any:
+    if getattr(task, "pair", None) is None:
+        return task
+    slim = copy.copy(task)
+    slim.pair = None
+    return slim
+
+
+def _compare_in_worker(task: Any) -> Any:
+    _WORKER_ENGINE._compare_one(task)
     return task.row
