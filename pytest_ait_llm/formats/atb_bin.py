@@ -24,6 +24,8 @@ from .tensor import RawTensor
 DEFAULT_MAX_BIN_BYTES = 2 * 1024**3
 #: The header is a handful of short lines; a file without ``$End`` in its first 64 KiB is not a tensor file.
 MAX_HEADER_BYTES = 64 * 1024
+#: What is read first: enough for any real header, far less than copying MAX_HEADER_BYTES of payload each time.
+HEADER_PROBE = 4096
 #: ATB tensors have at most 8 dims; numpy refuses more than 64. More than this is a corrupt header.
 MAX_DIMS = 32
 #: A dimension numpy can index (even an empty tensor, with a 0 elsewhere in dims, needs each dim to fit).
@@ -31,6 +33,7 @@ MAX_DIM = 2**62
 #: Keys of the msit "stats" dump (``--type stats``): text-only files holding these summaries instead of a payload.
 STATS_KEYS = ("max", "min", "mean", "l2norm")
 _END_KEY = "$End"
+_END_LINE = re.compile(rb"(?:^|\n)[ \t]*\$End[ \t]*=[^\n]*\n")  # a whole $End line has been read
 _ND_FORMAT = 2
 
 
@@ -106,13 +109,17 @@ def _read_header_lines(path: Path, fd: int, size: int) -> tuple[list[tuple[int, 
     want = min(size, MAX_HEADER_BYTES)
     parts: list[bytes] = []
     got = 0
+    step = HEADER_PROBE  # real headers are a few hundred bytes: read more only while no $End line has come
     try:
         while got < want:
-            chunk = os.read(fd, want - got)
+            chunk = os.read(fd, min(step, want - got))
             if not chunk:
                 break
             parts.append(chunk)
             got += len(chunk)
+            if _END_LINE.search(b"".join(parts)):
+                break
+            step = want
     except OSError as exc:
         raise FormatError(f"{path}: cannot read ({exc.strerror or exc})") from None
     head = b"".join(parts)

@@ -9,6 +9,7 @@ bound and never from a FIFO, and no reader follows a symlink out of the dump roo
 """
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import stat as stat_mod
@@ -101,6 +102,13 @@ def _is_dump_root(folder: Path) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=4096)
+def _real_folder(folder: str) -> str:
+    """realpath() of a folder, remembered: a folder replaced by a symlink after it was first seen in this process
+    is not noticed (as a file replaced between this check and its open() is not)."""
+    return os.path.realpath(folder)
+
+
 def outside_dump_root(path: str | os.PathLike, *, allow_symlinks: bool | None = None) -> str | None:
     """Why reading ``path`` is refused (a symlink takes it out of the dump it lies in), or None when it is fine.
 
@@ -112,7 +120,9 @@ def outside_dump_root(path: str | os.PathLike, *, allow_symlinks: bool | None = 
     """
     try:
         absolute = os.path.abspath(path)
-        real = os.path.realpath(path)
+        folder, name = os.path.split(absolute)
+        # realpath() lstat()s every component; the folders of a dump repeat thousands of times, so theirs is kept
+        real = os.path.realpath(absolute) if os.path.islink(absolute) else os.path.join(_real_folder(folder), name)
     except (OSError, ValueError):  # e.g. an embedded NUL: opening the file will say so
         return None
     if real == absolute or symlinks_allowed(allow_symlinks):
