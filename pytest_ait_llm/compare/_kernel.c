@@ -22,6 +22,7 @@
 #include <float.h>
 
 #define BLOCK 1024
+#define PREFETCH_AHEAD 2048 /* elements; 1024-4096 measured alike */
 enum { K_F32 = 0, K_F64 = 1, K_BF16 = 2, K_F16 = 3 };
 
 enum {
@@ -73,15 +74,6 @@ static void add_stats(const double *x, Py_ssize_t n, const BlockStats *b, double
     st[3] += b->sum;
     if (b->min < st[4]) st[4] = b->min;
     if (b->max > st[5]) st[5] = b->max;
-}
-
-/* Ask for the next block's bytes while this one is being computed on: the loops are otherwise stalled on
- * memory whenever a new block is widened (the payloads are far larger than any cache). */
-static void prefetch_next(const char *g, Py_ssize_t gs, const char *m, Py_ssize_t ms, Py_ssize_t from, Py_ssize_t n) {
-    if (from >= n) return;
-    Py_ssize_t k = n - from < BLOCK ? n - from : BLOCK;
-    for (Py_ssize_t b = 0; b < k * gs; b += 64) __builtin_prefetch(g + from * gs + b, 0, 3);
-    for (Py_ssize_t b = 0; b < k * ms; b += 64) __builtin_prefetch(m + from * ms + b, 0, 3);
 }
 
 /* Online log-sum-exp (the numpy pass's rule, metrics._lse_shift): the shift stays 0 while values lie within
