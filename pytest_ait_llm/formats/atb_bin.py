@@ -7,6 +7,7 @@ multi-GB tensor costs address space, not RAM.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError
+from . import parsed
 from .atomic import atomic_write_bytes, open_regular
 from .dtypes import ACL_DTYPES, BY_NAME, KNOWN_UNSUPPORTED, AclDtype, by_name
 from .tensor import RawTensor
@@ -186,9 +188,20 @@ def read_bin_header(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BIN
     p = Path(path)
     fd, size = _open_regular_file(p, max_bytes, allow_symlinks)
     try:
-        return _header_from(p, fd, size)
+        return _cached_header(p, fd, size)
     finally:
         os.close(fd)
+
+
+def _cached_header(p: Path, fd: int, size: int) -> BinHeader:
+    """:func:`_header_from`, parsed once per file version (see formats/parsed.py); a copy, so callers may keep it."""
+    key = parsed.file_key(p, fd)
+    header = parsed.get(key)
+    if header is None:
+        header = _header_from(p, fd, size)
+        parsed.put(key, header)
+    return dataclasses.replace(header, stats=dict(header.stats) if header.stats else header.stats,
+                               extra=dict(header.extra))
 
 
 def _header_from(p: Path, fd: int, size: int) -> BinHeader:
@@ -290,7 +303,7 @@ def read_bin(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BIN_BYTES,
     p = Path(path)
     fd, size = _open_regular_file(p, max_bytes, allow_symlinks)
     try:
-        header = _header_from(p, fd, size)
+        header = _cached_header(p, fd, size)
         if header.is_stats_only:
             raise FormatError(f"{header.path}: stats-only .bin (no tensor payload)")
         acl = header.acl_dtype

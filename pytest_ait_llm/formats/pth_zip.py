@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FormatError
+from . import parsed
 from .tensor import RawTensor
 
 __all__ = ["read_plain_tensor"]
@@ -105,8 +106,17 @@ def read_plain_tensor(path: Path) -> RawTensor | None:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
         # One read-only map of the whole file: zipfile parses it without a syscall per seek and read, and the
-        # tensor is a view into it (pages are read when used).
-        return _read(mmap.mmap(fd, 0, access=mmap.ACCESS_READ), path)
+        # tensor is a view into it (pages are read when used). What the zip and pickle said is kept per file
+        # version (formats/parsed.py): a file opened again is only mapped.
+        key = parsed.file_key(path, fd)
+        fh = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        view = parsed.get(key)
+        if view is None:
+            view = _read(fh, path)
+            if view is None:
+                return None
+            parsed.put(key, view)
+        return _tensor(fh, path, view)
     except FormatError:
         raise
     except Exception:  # anything unusual: the torch path judges it and words the error
@@ -115,7 +125,11 @@ def read_plain_tensor(path: Path) -> RawTensor | None:
         os.close(fd)
 
 
-def _read(fh: mmap.mmap, path: Path) -> RawTensor | None:
+#: Where a plain tensor's values lie in its file: enough to map it again without parsing anything.
+_View = namedtuple("_View", "dtype shape start count strides")
+
+
+def _read(fh: mmap.mmap, path: Path) -> _View | None:
     if fh[:4] != b"PK\x03\x04":
         return None
     members = {info.filename: info for info in zipfile.ZipFile(fh).infolist()}
@@ -154,7 +168,7 @@ def _member(fh: mmap.mmap, info: zipfile.ZipInfo, limit: int) -> tuple[int, byte
     return offset, fh[offset:offset + info.file_size] if info.file_size <= limit else b""
 
 
-def _map(fh: mmap.mmap, path: Path, tensor: _Tensor, info: zipfile.ZipInfo) -> RawTensor | None:
+def _map(fh: mmap.mmap, path: Path, tensor: _Tensor, info: zipfile.ZipInfo) -> _View | None:
     size, stride, offset = tensor.size, tensor.stride, tensor.offset
     if not (type(size) is tuple and type(stride) is tuple and len(size) == len(stride) and _is_count(offset)
             and all(map(_is_count, size + stride))):
@@ -165,7 +179,7 @@ def _map(fh: mmap.mmap, path: Path, tensor: _Tensor, info: zipfile.ZipInfo) -> R
             f"holds {info.file_size} bytes where the tensor's storage has {nbytes}"
         raise FormatError(f"{path}: not a torch tensor file (member {info.filename} {damage}; cut short or "
                           f"rewritten, not as torch.save writes it)")
-    dtype = np.dtype(_NUMPY[tensor.dtype])
+    itemsize = np.dtype(_NUMPY[tensor.dtype]).itemsize
     shape = tuple(size)
     numel, contiguous = 1, True  # contiguous as torch has it: the stride of a size-1 dim does not matter
     for n, s in zip(reversed(size), reversed(stride)):
@@ -173,15 +187,23 @@ def _map(fh: mmap.mmap, path: Path, tensor: _Tensor, info: zipfile.ZipInfo) -> R
         numel *= n
     last = offset + sum((n - 1) * s for n, s in zip(size, stride))  # highest element index touched
     if numel == 0:
+        return _View(tensor.dtype, shape, 0, 0, None)
+    if (last + 1) * itemsize > nbytes:  # the view would reach past its storage: torch says how
+        return None
+    start = _member(fh, info, 0)[0] + offset * itemsize
+    if contiguous:
+        return _View(tensor.dtype, shape, start, numel, None)
+    return _View(tensor.dtype, shape, start, last - offset + 1, tuple(s * itemsize for s in stride))
+
+
+def _tensor(fh: mmap.mmap, path: Path, view: _View) -> RawTensor:
+    dtype = np.dtype(_NUMPY[view.dtype])
+    if view.count == 0:
         data = np.empty(0, dtype)
         data.flags.writeable = False
-        return RawTensor(data=data, dtype=tensor.dtype, shape=shape, path=path)
-    if (last + 1) * dtype.itemsize > nbytes:  # the view would reach past its storage: torch says how
-        return None
-    start = _member(fh, info, 0)[0] + offset * dtype.itemsize
-    if contiguous:
-        data = np.frombuffer(fh, dtype, numel, start)
+    elif view.strides is None:
+        data = np.frombuffer(fh, dtype, view.count, view.start)
     else:
-        data = np.lib.stride_tricks.as_strided(np.frombuffer(fh, dtype, last - offset + 1, start), shape,
-                                               tuple(s * dtype.itemsize for s in stride), writeable=False)
-    return RawTensor(data=data, dtype=tensor.dtype, shape=shape, path=path)
+        data = np.lib.stride_tricks.as_strided(np.frombuffer(fh, dtype, view.count, view.start), view.shape,
+                                               view.strides, writeable=False)
+    return RawTensor(data=data, dtype=view.dtype, shape=view.shape, path=path)
