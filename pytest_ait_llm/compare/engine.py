@@ -144,7 +144,7 @@ def _tensor_name(path: Path, names: Sequence[str]) -> str | None:
 
 
 #: Elements compared at each end of two payloads, and windows of SAMPLE_RUN elements spread over the rest.
-SAMPLE_ENDS, SAMPLE_WINDOWS, SAMPLE_RUN = 1024, 64, 16
+SAMPLE_ENDS, SAMPLE_WINDOWS, SAMPLE_RUN = 1024, 16, 64
 
 
 def same_tensor(a, b) -> bool:
@@ -211,14 +211,27 @@ class Engine:
         self.golden_opts = ReadOptions(max_bin_bytes, getattr(golden, "allow_symlinks", None))
         self.my_opts = ReadOptions(max_bin_bytes, getattr(my, "allow_symlinks", None))
         self.progress = progress
+        self._listed: dict[tuple, object] = {}  # folder listings of this run: pairing, tasks and links share them
+
+    def _op_files(self, token_dir: Path, op: AtbOp):
+        key = ("atb", str(token_dir), op.rel_dir)
+        if key not in self._listed:
+            self._listed[key] = op_files(token_dir, op)
+        return self._listed[key]
+
+    def _module_files(self, token: int, name: str):
+        key = ("torch", token, name)
+        if key not in self._listed:
+            self._listed[key] = self.golden.module_files(token, name)
+        return self._listed[key]
 
     # -- pairing
     def _compatible_for(self, rank: AtbRank, token: int):
         token_dir = rank.token_dirs[token]
 
         def compatible(pair: OpPair):
-            g = _pick(self.golden.module_files(token, pair.module.name).outputs, pair.torch_stem)
-            m = _pick(op_files(token_dir, pair.files_op).outputs, pair.atb_stem)
+            g = _pick(self._module_files(token, pair.module.name).outputs, pair.torch_stem)
+            m = _pick(self._op_files(token_dir, pair.files_op).outputs, pair.atb_stem)
             if not g or not m:
                 return None
             g_meta, m_meta = self.golden_opts.meta(g[0]), self.my_opts.meta(m[0])
@@ -228,6 +241,7 @@ class Engine:
         return compatible
 
     def run(self) -> CompareResult:
+        self._listed = {}
         rows: list[Row] = []
         unpaired_all = []
         tasks: list[_Task] = []
@@ -274,7 +288,7 @@ class Engine:
                 start = len(tasks)
                 for pair in pairing.pairs:
                     tasks.extend(self._tasks(pair, token, token_dir, rank_name, order[id(pair.atb)]))
-                _link_inputs(tasks, start, producers, token_dir)
+                _link_inputs(tasks, start, producers, token_dir, self._op_files)
             topologies.append((rank_name, topology))
         if rank_errors and not topologies:
             raise rank_errors[0]  # no rank could be read: the comparison as a whole is impossible
@@ -288,9 +302,9 @@ class Engine:
                              golden_root=str(self.golden.root), my_root=str(self.my.root))
 
     def _tasks(self, pair: OpPair, token: int, token_dir: Path, rank_name: str, order: int) -> list[_Task]:
-        golden_files = self.golden.module_files(token, pair.module.name)
-        my_files = op_files(token_dir, pair.files_op)
-        inputs = _input_pairs(pair, golden_files, op_files(token_dir, pair.atb), self.my_opts)
+        golden_files = self._module_files(token, pair.module.name)
+        my_files = self._op_files(token_dir, pair.files_op)
+        inputs = _input_pairs(pair, golden_files, self._op_files(token_dir, pair.atb), self.my_opts)
         out = []
         for data_id, g, m in _output_pairs(pair, golden_files, my_files):
             row = Row(token, data_id, order, rank_name, atb_op=pair.atb.rel_dir, atb_op_name=pair.atb.op_name,
@@ -386,7 +400,8 @@ def _producers(topology) -> dict[str, list[AtbOp]]:
     return out
 
 
-def _link_inputs(tasks: list[_Task], start: int, producers: dict[str, list[AtbOp]], token_dir: Path) -> None:
+def _link_inputs(tasks: list[_Task], start: int, producers: dict[str, list[AtbOp]], token_dir: Path,
+                 files_of: Callable = op_files) -> None:
     """Set ``input_from`` of tasks[start:] (one token of one rank): for each input, a task that compares an output
     file of an op producing it, when there is one."""
     by_my = {str(t.my): i for i, t in enumerate(tasks[start:], start) if t.my is not None}
@@ -395,7 +410,7 @@ def _link_inputs(tasks: list[_Task], start: int, producers: dict[str, list[AtbOp
         for _, _, name in task.inputs:
             index = None
             for op in producers.get(name, ()) if name else ():
-                outs = [f for f in op_files(token_dir, op).outputs if _tensor_name(f, op.out_tensors) == name]
+                outs = [f for f in files_of(token_dir, op).outputs if _tensor_name(f, op.out_tensors) == name]
                 index = by_my.get(str(outs[0])) if outs else None
                 if index is not None:
                     break

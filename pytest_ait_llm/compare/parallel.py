@@ -119,7 +119,7 @@ def _lean_copy(engine: Any) -> Any | None:
     """A picklable copy of ``engine`` without the dumps, the mapping table and the progress callback; None when
     what remains (custom metrics, an exotic tolerance) does not pickle."""
     lean = copy.copy(engine)
-    for name in ("golden", "my", "table", "progress"):
+    for name in ("golden", "my", "table", "progress", "_listed"):
         if hasattr(lean, name):
             setattr(lean, name, None)
     return lean if _pickles(lean) else None
