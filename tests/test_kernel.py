@@ -176,3 +176,24 @@ def test_numpy_mode_switch(monkeypatch):
     assert fastpass.available()
     monkeypatch.setenv("AIT_LLM_KERNEL", "bogus")  # ignored, as AIT_LLM_EXECUTOR's unknown values are
     assert fastpass.available() == (fastpass.isa() != "baseline")
+
+
+@pytest.mark.parametrize("spread", [1e-3, 0.02, 0.08, 0.3, 2.0])
+def test_kl_is_exact_whatever_the_distance_between_golden_and_mine(isa, monkeypatch, spread):
+    """exp(m) is formed as exp(g) * exp(m - g) with a Taylor series whose degree follows the block's largest
+    |m - g| (up to 0.02, 0.1, 0.34), and as a second exp() beyond: every regime gives the float64 reference's KL."""
+    rng = np.random.default_rng(5)
+    g = rng.uniform(-3, 3, 3 * 1024 + 5)
+    m = g + rng.uniform(-spread, spread, g.size)
+    golden, my = as_raw(g, "float64"), as_raw(m, "float64")
+    got = compare_tensors(golden, my).values["kl_divergence"]
+    # the reference in extended precision: in float64, log-softmax differences of nearly equal tensors lose digits
+    wide_g, wide_m = g.astype(np.longdouble), m.astype(np.longdouble)
+
+    def log_softmax(x):
+        return x - (x.max() + np.log(np.sum(np.exp(x - x.max()))))
+
+    lp_g, lp_m = log_softmax(wide_g), log_softmax(wide_m)
+    want = float(np.sum(np.exp(lp_g) * (lp_g - lp_m)))
+    assert got == pytest.approx(want, rel=1e-9, abs=1e-18)
+    assert got == pytest.approx(numpy_pass(golden, my, monkeypatch).values["kl_divergence"], rel=1e-9, abs=1e-18)

@@ -33,8 +33,12 @@ enum {
     S_SIZE
 };
 
-/* |m - g| up to which exp(m) is formed as exp(g) * exp(m - g) (see kl_step in _kernel_loops.h). */
+/* |m - g| up to which exp(m) is formed as exp(g) * exp(m - g) (see kl_step in _kernel_loops.h), and 1/k!. */
 static const double NEAR = 0.34;
+static const double INV_FACTORIAL[14] = {
+    1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040, 1.0 / 40320, 1.0 / 362880,
+    1.0 / 3628800, 1.0 / 39916800, 1.0 / 479001600, 1.0 / 6227020800.0,
+};
 
 /* The original tool's epsilon (float32 machine epsilon): |golden| <= EPS contributes no relative error. */
 static const double EPS = 1.1920928955078125e-07;
