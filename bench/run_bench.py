@@ -64,7 +64,7 @@ def list_pairs(golden: Path, my: Path) -> tuple[list[tuple[str, str]], list[tupl
     input pairs judge each op on the error it adds. A linked input pair takes its producer's error when a sample of
     its bytes matches (it is then not read through); the others are read in full.
     """
-    from pytest_ait_llm.compare.engine import Engine
+    from pytest_ait_llm.compare.engine import Engine, input_pairs
     from pytest_ait_llm.compare.result import COMPARED
     from pytest_ait_llm.formats.atb_layout import open_atb_dump
     from pytest_ait_llm.formats.torch_layout import open_torch_dump
@@ -77,9 +77,11 @@ def list_pairs(golden: Path, my: Path) -> tuple[list[tuple[str, str]], list[tupl
                if t.golden and t.my and t.row.status == COMPARED and t.row.passed is not False]
     inputs, linked = [], 0
     for t in tasks:
-        for (g, m, _), source in zip(t.inputs, t.input_from or [None] * len(t.inputs)):
+        if t.row.status != COMPARED or t.row.passed is False:
+            continue
+        for g, m, name in input_pairs(*t.input_files, engine.my_opts):
             inputs.append((str(g), str(m)))
-            linked += source is not None
+            linked += name in (t.links or {})
     return outputs, inputs, linked
 
 

@@ -76,19 +76,21 @@ def _pick(files: list[Path], stem: str | None) -> list[Path]:
 
 @dataclass
 class _Task:
-    """One tensor pair to compare, plus the input pairs that tell how much error the op received.
+    """One tensor pair to compare, plus what tells how much error the op received.
 
-    ``input_from[i]``, when set, is ``(index of the task comparing the op that produced input i, its golden path, its
-    my path)``: if both input files hold the same tensors as that task's files, the input's error is that task's
-    output error and the input files are not read through (see :func:`same_tensor`).
+    ``input_files``: the module's input files, the ATB op's intensor files and the topology's names for those; the
+    worker matches them into input pairs (:func:`input_pairs`, which reads their shapes). ``links`` maps an input's
+    tensor name to the task comparing the op that produced it: ``(task index, its golden path, its my path)``. If
+    both input files hold the same tensors as that task's files, the input's error is that task's output error and
+    the input files are not read through (see :func:`same_tensor`).
     """
 
     row: Row
     golden: Path | None
     my: Path | None
-    inputs: list[tuple[Path, Path, str | None]]
+    input_files: tuple[list[Path], list[Path], tuple[str, ...]] = ((), (), ())
     pair: OpPair | None = None
-    input_from: list[tuple[int, Path, Path] | None] | None = None
+    links: dict[str, tuple[int, Path | None, Path | None]] | None = None
 
 
 def _output_pairs(pair: OpPair, golden_files, my_files) -> list[tuple[int, Path | None, Path | None]]:
@@ -110,21 +112,22 @@ def _primary_inputs(files: list[Path]) -> list[Path]:
     return positional or [f for f in files if _stem(f) == "input_hidden_states"]
 
 
-def _input_pairs(pair: OpPair, golden_files, my_files, opts: ReadOptions) -> list[tuple[Path, Path]]:
-    """Match the module's activation inputs to the op's float, non-weight intensors by shape, in order.
+def input_pairs(golden_inputs: Sequence[Path], my_inputs: Sequence[Path], names: Sequence[str],
+                opts: ReadOptions) -> list[tuple[Path, Path, str | None]]:
+    """Match the module's activation inputs to the op's float, non-weight intensors by shape, in order:
+    ``(golden file, my file, the intensor's name)``.
 
     These pairs measure the error an op *received*, so that its verdict can rest on the error it *adds*.
     """
-    names = pair.atb.in_tensors
     mine = []
-    for f in my_files.inputs:
+    for f in my_inputs:
         name = _tensor_name(f, names)
         meta = opts.meta(f) if not (name and is_weight(name)) else None
         if meta is not None and meta[1] in _FLOAT and math.prod(meta[0]) > 1:
             mine.append((f, meta[0], name))
     used: set[int] = set()
     out = []
-    for g in _primary_inputs(golden_files.inputs):
+    for g in _primary_inputs(list(golden_inputs)):
         meta = opts.meta(g)
         if meta is None or meta[1] not in _FLOAT:
             continue
@@ -304,7 +307,7 @@ class Engine:
     def _tasks(self, pair: OpPair, token: int, token_dir: Path, rank_name: str, order: int) -> list[_Task]:
         golden_files = self._module_files(token, pair.module.name)
         my_files = self._op_files(token_dir, pair.files_op)
-        inputs = _input_pairs(pair, golden_files, self._op_files(token_dir, pair.atb), self.my_opts)
+        inputs = (golden_files.inputs, self._op_files(token_dir, pair.atb).inputs, tuple(pair.atb.in_tensors))
         out = []
         for data_id, g, m in _output_pairs(pair, golden_files, my_files):
             row = Row(token, data_id, order, rank_name, atb_op=pair.atb.rel_dir, atb_op_name=pair.atb.op_name,
@@ -338,9 +341,9 @@ class Engine:
             golden = my = None  # noqa: F841 - drop the memory maps before the next pair
         if row.metrics.fail_reason:
             row.reason = row.metrics.fail_reason
-        sources = task.input_from or [None] * len(task.inputs)
-        row.input_parts = [self._input_error(g_path, m_path, src)
-                           for (g_path, m_path, _), src in zip(task.inputs, sources)]
+        links = task.links or {}
+        row.input_parts = [(self._input_error(g_path, m_path, links.get(name) if name else None), g_path, m_path)
+                           for g_path, m_path, name in input_pairs(*task.input_files, self.my_opts)]
 
     def _input_error(self, g_path: Path, m_path: Path, source) -> dict[str, float] | int | None:
         """The error of one input pair, or the index of the task whose output error it is (resolved in _finish)."""
@@ -361,7 +364,7 @@ class Engine:
             if row.status != COMPARED or row.metrics is None:
                 continue
             errors = []
-            for part, (g_path, m_path, _) in zip(row.input_parts, task.inputs):
+            for part, g_path, m_path in row.input_parts:
                 if isinstance(part, int):
                     source = tasks[part].row.metrics
                     part = ({k: source.values[k] for k in ("cosine_similarity", "relative_euclidean_distance")}
@@ -402,20 +405,24 @@ def _producers(topology) -> dict[str, list[AtbOp]]:
 
 def _link_inputs(tasks: list[_Task], start: int, producers: dict[str, list[AtbOp]], token_dir: Path,
                  files_of: Callable = op_files) -> None:
-    """Set ``input_from`` of tasks[start:] (one token of one rank): for each input, a task that compares an output
-    file of an op producing it, when there is one."""
+    """Set ``links`` of tasks[start:] (one token of one rank): for each input tensor name, a task that compares an
+    output file of an op producing it, when there is one."""
     by_my = {str(t.my): i for i, t in enumerate(tasks[start:], start) if t.my is not None}
+    found: dict[str, int | None] = {}
     for task in tasks[start:]:
-        links = []
-        for _, _, name in task.inputs:
-            index = None
-            for op in producers.get(name, ()) if name else ():
-                outs = [f for f in files_of(token_dir, op).outputs if _tensor_name(f, op.out_tensors) == name]
-                index = by_my.get(str(outs[0])) if outs else None
-                if index is not None:
-                    break
-            links.append(None if index is None else (index, tasks[index].golden, tasks[index].my))
-        task.input_from = links if any(links) else None
+        links = {}
+        for name in task.input_files[2]:
+            if name not in found:
+                found[name] = None
+                for op in producers.get(name, ()) if not is_weight(name) else ():
+                    outs = [f for f in files_of(token_dir, op).outputs if _tensor_name(f, op.out_tensors) == name]
+                    found[name] = by_my.get(str(outs[0])) if outs else None
+                    if found[name] is not None:
+                        break
+            index = found[name]
+            if index is not None:
+                links[name] = (index, tasks[index].golden, tasks[index].my)
+        task.links = links or None
 
 
 def _judge_unpaired_regions(topology, tasks: list[_Task]) -> None:

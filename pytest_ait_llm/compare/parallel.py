@@ -54,11 +54,10 @@ def choose_executor(workers: int, tasks: int, *, picklable: bool, task_bytes: in
 
 
 def _task_sizes(tasks: Sequence[Any]) -> list[int]:
-    """Bytes each task will read (its output and input files), from the file sizes."""
+    """Bytes each task will read through (its output files), from the file sizes."""
     sizes = []
     for task in tasks:
-        paths = [getattr(task, "golden", None), getattr(task, "my", None)]
-        paths += [p for pair in getattr(task, "inputs", ()) or () for p in pair[:2]]
+        paths = [getattr(task, "golden", None), getattr(task, "my", None)]  # inputs are mostly reused, not read
         total = 0
         for path in paths:
             if path:
