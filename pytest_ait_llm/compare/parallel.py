@@ -1,27 +1,27 @@
 """Run the engine's per-pair comparisons on several cores, results in task order whatever finishes first.
 
-Why forked processes and not threads: the fused metrics pass is a loop of ~30 numpy calls per 32 Ki-element
-chunk and holds the GIL between calls. Measured on the 2-core box (docs/performance.md), two threads were *slower*
-than one (0.7x: the GIL changes hands on every call), while two forked processes were 1.5-1.8x faster. Forking
-is cheap because the workers inherit the parent's imports (torch is already loaded to read ``.pth`` files).
+Forked processes by default. The compiled pass (compare/_kernel.c) releases the GIL, but the Python around each
+pair (opening files, matching inputs, building the row) holds it: on the 2-core box two forked workers were
+1.2-1.5x faster than serial and ~10 % faster than two threads (docs/performance.md). The workers are plain
+``os.fork`` children that inherit the engine and the tasks (nothing is pickled on the way in, custom metrics
+included), take the next task from a counter in shared memory and send rows back through pipes; this starts in
+a few ms where a ``ProcessPoolExecutor`` took ~25 ms and a round trip per task.
 
 Serial is used when forking cannot help or cannot work: one worker, a dump too small to repay the fork (under
-``MIN_FORK_BYTES``), platforms without a safe ``fork`` (only Linux forks here), and custom metrics (user functions
-loaded from a file cannot be pickled by reference). ``AIT_LLM_EXECUTOR=processes|threads|serial`` forces one
-kind; the benchmark measures each.
+``MIN_FORK_BYTES``), and platforms without a safe ``fork`` (only Linux forks here).
+``AIT_LLM_EXECUTOR=processes|threads|serial`` forces one kind; the benchmark measures each.
 
 Results are deterministic: every pair is computed by the same code on the same bytes in any worker, each task's
 row comes back whole, and the caller sees the tasks completed in their original order.
 """
 from __future__ import annotations
 
-import copy
 import os
 import pickle
 import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 from ..errors import AitLlmError
 
@@ -35,8 +35,7 @@ Progress = Callable[[int, int], None]
 MIN_FORK_BYTES = 32 * 1024 * 1024
 
 
-def choose_executor(workers: int, tasks: int, *, picklable: bool, task_bytes: int | None = None,
-                    env: dict | None = None) -> str:
+def choose_executor(workers: int, tasks: int, *, task_bytes: int | None = None, env: dict | None = None) -> str:
     """``"serial"``, ``"threads"`` or ``"processes"`` for ``tasks`` pairs (``task_bytes`` to read) on ``workers``."""
     env = os.environ if env is None else env
     forced = env.get(EXECUTOR_ENV, "").strip().lower()
@@ -45,7 +44,7 @@ def choose_executor(workers: int, tasks: int, *, picklable: bool, task_bytes: in
         return "serial"
     if forced == "threads":
         return "threads"
-    can_fork = sys.platform.startswith("linux") and picklable
+    can_fork = sys.platform.startswith("linux")
     if forced == "processes":
         return "processes" if can_fork else "serial"
     if not can_fork or (task_bytes is not None and task_bytes < MIN_FORK_BYTES):
@@ -72,14 +71,12 @@ def _task_sizes(tasks: Sequence[Any]) -> list[int]:
 def run_in_order(engine: Any, tasks: Sequence[Any], workers: int, progress: Progress | None = None) -> str:
     """Run ``engine._compare_one`` on every task, in parallel, storing each task's row; returns the executor used.
 
-    With processes, each worker gets a copy of the engine stripped to what comparing one pair needs (tolerance,
-    limits, custom metrics) and sends back the task's completed ``Row``, which replaces ``task.row``.
+    With processes, forked workers inherit the engine and the tasks and send back each task's completed ``Row``,
+    which replaces ``task.row``.
     """
     total = len(tasks)
-    lean = _lean_copy(engine) if workers > 1 and total > 1 else None
-    picklable = lean is not None and _pickles(tasks[0])
     sizes = _task_sizes(tasks) if workers > 1 and total > 1 else [0] * total
-    kind = choose_executor(workers, total, picklable=picklable, task_bytes=sum(sizes) if picklable else None)
+    kind = choose_executor(workers, total, task_bytes=sum(sizes))
     # Workers take the largest pairs first, so that no big pair is left to one worker at the end (an LLM's
     # logits are often the largest tensor and come last); rows are still stored in task order.
     largest_first = sorted(range(total), key=lambda i: -sizes[i])
@@ -100,82 +97,123 @@ def run_in_order(engine: Any, tasks: Sequence[Any], workers: int, progress: Prog
             for _ in pool.map(engine._compare_one, [tasks[i] for i in largest_first]):
                 tick()
     else:
-        for i, row in zip(largest_first, _fork_map(lean, [tasks[i] for i in largest_first], workers)):
+        for i, row in zip(largest_first, _fork_map(engine, [tasks[i] for i in largest_first], workers, tick)):
             tasks[i].row = row
-            tick()
     return kind
 
 
-def _pickles(obj: Any) -> bool:
-    try:
-        pickle.dumps(obj)
-    except Exception:  # noqa: BLE001 - any pickling failure means: do not send it to a process
-        return False
-    return True
+def _fork_map(engine: Any, tasks: Sequence[Any], workers: int, tick: Callable[[], None]) -> list[Any]:
+    """Rows of ``tasks`` (in task order) computed by ``workers`` forked children.
 
-
-def _lean_copy(engine: Any) -> Any | None:
-    """A picklable copy of ``engine`` without the dumps, the mapping table and the progress callback; None when
-    what remains (custom metrics, an exotic tolerance) does not pickle."""
-    lean = copy.copy(engine)
-    for name in ("golden", "my", "table", "progress", "_listed"):
-        if hasattr(lean, name):
-            setattr(lean, name, None)
-    return lean if _pickles(lean) else None
-
-
-def _fork_map(lean: Any, tasks: Sequence[Any], workers: int) -> Iterable[Any]:
-    """Rows of ``tasks`` computed in forked worker processes, yielded in task order."""
+    The children inherit the engine and every task through the fork: nothing is pickled on the way in. They take
+    the next task index from a counter in shared memory (so a slow pair never holds up the others) and send each
+    completed row back through their own pipe as a length-prefixed pickle.
+    """
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
 
-    context = multiprocessing.get_context("fork")
-    with warnings.catch_warnings():
-        # Python >= 3.12 warns that forking a multi-threaded process may deadlock the child; the child only reads
-        # files and runs numpy, never a lock another parent thread could hold (torch is made single-threaded).
-        warnings.filterwarnings("ignore", message=r".*use of fork\(\) may lead to deadlocks.*")
-        # the engine reaches the workers once, through the fork; each task travels without its op pair (the op
-        # trees, ~20 KB a task), which only the parent's judging needs
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
-                                   initargs=(lean,))
-        try:
-            futures = [pool.submit(_compare_in_worker, _without_pair(task)) for task in tasks]
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+    counter = multiprocessing.get_context("fork").Value("q", 0)
+    children: dict[int, int] = {}  # read end -> pid
     try:
-        for future in futures:
-            try:
-                yield future.result()
-            except BrokenProcessPool:
-                raise AitLlmError(f"a comparison worker process died (killed or out of memory?); rerun with "
-                                  f"{EXECUTOR_ENV}=threads or fewer workers (-j)") from None
+        for _ in range(min(workers, len(tasks))):
+            read_end, write_end = os.pipe()
+            with warnings.catch_warnings():
+                # Python >= 3.12 warns about forking a multi-threaded process; the child only reads files and runs
+                # the comparison, and the locks it uses are re-made after the fork (formats/parsed.py).
+                warnings.filterwarnings("ignore", category=DeprecationWarning)
+                pid = os.fork()
+            if pid == 0:  # the child never returns from here
+                os.close(read_end)
+                _worker(engine, tasks, counter, write_end)
+            os.close(write_end)
+            children[read_end] = pid
+        return _collect(children, tasks, tick)
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        for read_end, pid in children.items():
+            try:
+                os.close(read_end)
+            except OSError:
+                pass
+            _reap(pid)
 
 
-_WORKER_ENGINE: Any = None
+def _worker(engine: Any, tasks: Sequence[Any], counter: Any, out_fd: int) -> None:
+    """A forked child's whole life: compare tasks until none is left, then exit without running the parent's
+    atexit handlers or flushing its buffers."""
+    status = 0
+    out = os.fdopen(out_fd, "wb")
+    try:
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            torch.set_num_threads(1)  # torch's OpenMP pool does not survive a fork; one thread per worker
+        while True:
+            with counter.get_lock():
+                index = counter.value
+                counter.value += 1
+            if index >= len(tasks):
+                break
+            engine._compare_one(tasks[index])
+            _send(out, (index, tasks[index].row))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it as one line
+        status = 1
+        try:
+            _send(out, ("error", " ".join(f"{type(exc).__name__}: {exc}".split())[:500]))
+        except BaseException:  # noqa: BLE001 - the parent still sees the pairs this worker did not return
+            pass
+    finally:
+        try:
+            out.close()
+        finally:
+            os._exit(status)
 
 
-def _init_worker(lean: Any) -> None:
-    """Keep the engine for this worker's tasks, and the worker on one thread: torch's OpenMP pool does not survive
-    a fork, and one thread per process is what the parallelism across pairs assumes."""
-    global _WORKER_ENGINE
-    _WORKER_ENGINE = lean
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        torch.set_num_threads(1)
+def _send(out: Any, obj: Any) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    out.write(len(data).to_bytes(8, "little") + data)
+    out.flush()
 
 
-def _without_pair(task: Any) -> Any:
-    if getattr(task, "pair", None) is None:
-        return task
-    slim = copy.copy(task)
-    slim.pair = None
-    return slim
+def _collect(children: dict[int, int], tasks: Sequence[Any], tick: Callable[[], None]) -> list[Any]:
+    import selectors
+
+    rows: list[Any] = [None] * len(tasks)
+    buffers = {fd: bytearray() for fd in children}
+    with selectors.DefaultSelector() as sel:
+        for fd in children:
+            sel.register(fd, selectors.EVENT_READ)
+        open_fds = set(children)
+        while open_fds:
+            for key, _ in sel.select():
+                fd = key.fd
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    sel.unregister(fd)
+                    open_fds.discard(fd)
+                    continue
+                buf = buffers[fd]
+                buf += chunk
+                while len(buf) >= 8 and len(buf) >= 8 + int.from_bytes(buf[:8], "little"):
+                    size = int.from_bytes(buf[:8], "little")
+                    index, row = pickle.loads(bytes(buf[8:8 + size]))
+                    del buf[:8 + size]
+                    if index == "error":
+                        raise AitLlmError(f"a comparison worker process failed: {row}")
+                    rows[index] = row
+                    tick()
+    missing = sum(1 for row in rows if row is None)
+    if missing:
+        raise AitLlmError(f"a comparison worker process died (killed or out of memory?) with {missing} pairs not "
+                          f"compared; rerun with {EXECUTOR_ENV}=threads or fewer workers (-j)")
+    return rows
 
 
-def _compare_in_worker(task: Any) -> Any:
-    _WORKER_ENGINE._compare_one(task)
-    return task.row
+def _reap(pid: int) -> None:
+    """Wait for a child; one still running (the parent failed first) is killed."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == 0:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+    except OSError:
+        pass

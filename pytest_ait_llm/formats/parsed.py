@@ -19,6 +19,16 @@ _lock = threading.Lock()
 _entries: OrderedDict[Hashable, Any] = OrderedDict()
 
 
+def _new_lock_in_child() -> None:
+    """A child forked while another thread held the lock would wait on it forever: it gets a fresh one."""
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_in_child)
+
+
 def file_key(path: os.PathLike | str, fd: int) -> tuple:
     """The identity of the file open as ``fd`` under ``path``."""
     st = os.fstat(fd)

@@ -1,0 +1,110 @@
+"""Pairs compared in forked worker processes: the same report as serial, custom metrics too, and a worker that
+fails or dies is a one-line error, never a hang or a half-filled report."""
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from atb_mirror import golden_llama_dump, write_mirror
+from pytest_ait_llm.api import run_compare
+from pytest_ait_llm.compare import engine as engine_mod
+from pytest_ait_llm.errors import AitLlmError
+from pytest_ait_llm.report.csv_report import dataframe
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="forked workers need fork()")
+
+
+@pytest.fixture(scope="module")
+def dumps(tmp_path_factory):
+    golden = golden_llama_dump(tmp_path_factory.mktemp("golden"), num_layers=2)
+    my, _ = write_mirror(golden, tmp_path_factory.mktemp("my"), num_layers=2)
+    return golden, my
+
+
+def _report(result):
+    frame = dataframe(result)
+    return frame.drop(columns=[c for c in frame.columns if "path" in c]).to_csv(index=False)
+
+
+def _children() -> set[int]:
+    try:
+        with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as fh:
+            return {int(x) for x in fh.read().split()}
+    except OSError:
+        return set()
+
+
+def test_processes_give_the_serial_report_and_tick_once_per_pair(dumps, tmp_path, monkeypatch):
+    golden, my = dumps
+    monkeypatch.setenv("AIT_LLM_EXECUTOR", "serial")
+    serial = run_compare(golden, my, output_dir=tmp_path / "s")
+    ticks = []
+    monkeypatch.setenv("AIT_LLM_EXECUTOR", "processes")
+    forked = run_compare(golden, my, output_dir=tmp_path / "p", workers=2, progress=lambda d, t: ticks.append((d, t)))
+    assert _report(forked) == _report(serial)
+    total = ticks[-1][1]
+    assert [d for d, _ in ticks] == list(range(1, total + 1)) and total == len(serial.compared) + sum(
+        1 for r in serial.rows if r.status == "skipped")
+    assert _children() == set()  # every worker was waited for
+
+
+def test_custom_metrics_run_in_the_workers(dumps, tmp_path, monkeypatch):
+    """Workers inherit the engine through fork(): a metric loaded from a file needs no pickling."""
+    golden, my = dumps
+    metric = tmp_path / "m.py"
+    metric.write_text("import numpy as np\ndef peak(g, m):\n    return float(np.abs(m - g).max())\n")
+    monkeypatch.setenv("AIT_LLM_EXECUTOR", "processes")
+    result = run_compare(golden, my, output_dir=tmp_path, workers=2, custom_metrics=[f"{metric}:peak"])
+    rows = [r for r in result.compared if r.metrics is not None and r.metrics.compared]
+    assert rows and all(r.metrics.custom["peak"] == pytest.approx(r.metric("max_absolute_error")) for r in rows)
+
+
+def test_a_worker_that_raises_is_reported_in_one_line(dumps, tmp_path, monkeypatch):
+    golden, my = dumps
+    original = engine_mod.Engine._compare_one
+
+    def broken(self, task):
+        if task.row.torch_module.endswith("layers.1.mlp.down_proj"):
+            raise RuntimeError("disk on fire")
+        original(self, task)
+
+    monkeypatch.setattr(engine_mod.Engine, "_compare_one", broken)
+    monkeypatch.setenv("AIT_LLM_EXECUTOR", "processes")
+    with pytest.raises(AitLlmError, match=r"^a comparison worker process failed: RuntimeError: disk on fire$"):
+        run_compare(golden, my, output_dir=tmp_path, workers=2)
+    assert _children() == set()
+    assert not list(tmp_path.glob("*.csv"))  # no half-filled report
+
+
+def test_a_killed_worker_is_an_error_not_a_hang(dumps, tmp_path, monkeypatch):
+    golden, my = dumps
+    original = engine_mod.Engine._compare_one
+
+    def killed(self, task):
+        if task.row.torch_module.endswith("layers.0.self_attn.q_proj"):
+            os.kill(os.getpid(), 9)  # as the OOM killer would
+        original(self, task)
+
+    monkeypatch.setattr(engine_mod.Engine, "_compare_one", killed)
+    monkeypatch.setenv("AIT_LLM_EXECUTOR", "processes")
+    with pytest.raises(AitLlmError, match="worker process died .* pairs not compared; rerun with "
+                                          "AIT_LLM_EXECUTOR=threads"):
+        run_compare(golden, my, output_dir=tmp_path, workers=2)
+    assert _children() == set()
+
+
+def test_comparisons_forking_from_several_threads_at_once_all_complete(dumps, tmp_path, monkeypatch):
+    golden, my = dumps
+    monkeypatch.setenv("AIT_LLM_EXECUTOR", "processes")
+    start = threading.Barrier(3)
+
+    def one(i):
+        start.wait()
+        return _report(run_compare(golden, my, output_dir=tmp_path / str(i), workers=2))
+
+    with ThreadPoolExecutor(3) as pool:
+        reports = list(pool.map(one, range(3)))
+    assert reports[0] == reports[1] == reports[2]
