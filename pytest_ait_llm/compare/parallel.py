@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import pickle
 import sys
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
@@ -102,43 +103,71 @@ def run_in_order(engine: Any, tasks: Sequence[Any], workers: int, progress: Prog
     return kind
 
 
+#: Pipe ends of every comparison running in this process, guarded by _FORK_LOCK. A worker forked for one comparison
+#: closes the others' at once: holding another comparison's write ends would keep its readers from ever seeing EOF
+#: (seen: three comparisons forking from three threads deadlocked).
+_FORK_LOCK = threading.Lock()
+_OWN_FDS: set[int] = set()
+
+
 def _fork_map(engine: Any, tasks: Sequence[Any], workers: int, tick: Callable[[], None]) -> list[Any]:
     """Rows of ``tasks`` (in task order) computed by ``workers`` forked children.
 
     The children inherit the engine and every task through the fork: nothing is pickled on the way in. They take
-    the next task index from a counter in shared memory (so a slow pair never holds up the others) and send each
-    completed row back through their own pipe as a length-prefixed pickle.
+    task indices from a shared pipe, 4 bytes each, as they become free (so a slow pair never holds up the others),
+    and send each completed row back through their own pipe as a length-prefixed pickle.
     """
-    import multiprocessing
-
-    counter = multiprocessing.get_context("fork").Value("q", 0)
-    children: dict[int, int] = {}  # read end -> pid
+    children: dict[int, int] = {}  # result pipe read end -> pid
+    with _FORK_LOCK:
+        queue_r, queue_w = _pipe()
+    queue = [queue_w]  # set to -1 by whoever closes it: a second close could hit another thread's new fd
     try:
         for _ in range(min(workers, len(tasks))):
-            read_end, write_end = os.pipe()
-            with warnings.catch_warnings():
-                # Python >= 3.12 warns about forking a multi-threaded process; the child only reads files and runs
-                # the comparison, and the locks it uses are re-made after the fork (formats/parsed.py).
-                warnings.filterwarnings("ignore", category=DeprecationWarning)
-                pid = os.fork()
-            if pid == 0:  # the child never returns from here
-                os.close(read_end)
-                _worker(engine, tasks, counter, write_end)
-            os.close(write_end)
-            children[read_end] = pid
-        return _collect(children, tasks, tick)
+            with _FORK_LOCK:
+                read_end, write_end = _pipe()
+                with warnings.catch_warnings():
+                    # Python >= 3.12 warns about forking a multi-threaded process; the child only reads files and
+                    # runs the comparison, and the locks it uses are re-made after the fork (formats/parsed.py).
+                    warnings.filterwarnings("ignore", category=DeprecationWarning)
+                    pid = os.fork()
+                if pid == 0:  # the child never returns from here
+                    for fd in _OWN_FDS - {queue_r, write_end}:
+                        os.close(fd)
+                    _worker(engine, tasks, queue_r, write_end)
+                children[read_end] = pid
+            _close(write_end)
+        _close(queue_r)
+        queue_r = -1
+        return _collect(children, queue, tasks, tick)
     finally:
+        _close(queue_r)
+        _close(queue[0])
         for read_end, pid in children.items():
-            try:
-                os.close(read_end)
-            except OSError:
-                pass
+            _close(read_end)
             _reap(pid)
 
 
-def _worker(engine: Any, tasks: Sequence[Any], counter: Any, out_fd: int) -> None:
-    """A forked child's whole life: compare tasks until none is left, then exit without running the parent's
-    atexit handlers or flushing its buffers."""
+def _pipe() -> tuple[int, int]:
+    """A pipe whose ends other comparisons' workers close (call with _FORK_LOCK held)."""
+    read_end, write_end = os.pipe()
+    _OWN_FDS.update((read_end, write_end))
+    return read_end, write_end
+
+
+def _close(fd: int) -> None:
+    if fd < 0:
+        return
+    with _FORK_LOCK:
+        _OWN_FDS.discard(fd)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _worker(engine: Any, tasks: Sequence[Any], queue_fd: int, out_fd: int) -> None:
+    """A forked child's whole life: compare tasks until the queue runs dry, then exit without running the
+    parent's atexit handlers or flushing its buffers."""
     status = 0
     out = os.fdopen(out_fd, "wb")
     try:
@@ -146,11 +175,11 @@ def _worker(engine: Any, tasks: Sequence[Any], counter: Any, out_fd: int) -> Non
         if torch is not None:
             torch.set_num_threads(1)  # torch's OpenMP pool does not survive a fork; one thread per worker
         while True:
-            with counter.get_lock():
-                index = counter.value
-                counter.value += 1
-            if index >= len(tasks):
+            # the parent writes whole 4-byte indices, at most PIPE_BUF at a time (atomic): a read gets one or EOF
+            item = os.read(queue_fd, 4)
+            if len(item) < 4:
                 break
+            index = int.from_bytes(item, "little")
             engine._compare_one(tasks[index])
             _send(out, (index, tasks[index].row))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it as one line
@@ -172,18 +201,34 @@ def _send(out: Any, obj: Any) -> None:
     out.flush()
 
 
-def _collect(children: dict[int, int], tasks: Sequence[Any], tick: Callable[[], None]) -> list[Any]:
+def _collect(children: dict[int, int], queue: list[int], tasks: Sequence[Any], tick: Callable[[], None]) -> list[Any]:
+    """Feed the task queue and gather the rows, both as the pipes allow; closes the queue (``queue[0]``, then set
+    to -1) once every index is in it."""
     import selectors
 
+    queue_fd = queue[0]
     rows: list[Any] = [None] * len(tasks)
     buffers = {fd: bytearray() for fd in children}
+    pending = memoryview(b"".join(i.to_bytes(4, "little") for i in range(len(tasks))))
+    os.set_blocking(queue_fd, False)
     with selectors.DefaultSelector() as sel:
         for fd in children:
             sel.register(fd, selectors.EVENT_READ)
+        sel.register(queue_fd, selectors.EVENT_WRITE)
         open_fds = set(children)
         while open_fds:
             for key, _ in sel.select():
                 fd = key.fd
+                if fd == queue_fd:
+                    try:
+                        pending = pending[os.write(fd, pending[:4096]):]  # <= PIPE_BUF: all or nothing
+                    except BlockingIOError:
+                        continue
+                    if not pending:
+                        sel.unregister(fd)
+                        queue[0] = -1
+                        _close(fd)  # the workers read EOF once the queue is empty
+                    continue
                 chunk = os.read(fd, 1 << 20)
                 if not chunk:
                     sel.unregister(fd)
