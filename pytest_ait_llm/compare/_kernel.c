@@ -115,10 +115,6 @@ static void move_shift(double *shift, double block_max, double *sum, double *t) 
 #define VMAX(a, b) ((vd)_mm_max_pd((__m128d)(a), (__m128d)(b)))
 #endif
 #include "_kernel_loops.h"
-#undef VMIN
-#undef VMAX
-#undef VLANES
-#undef ISA
 
 #ifdef HAVE_X86_COPIES
 #pragma GCC push_options
@@ -129,11 +125,6 @@ static void move_shift(double *shift, double block_max, double *sum, double *t) 
 #define VMAX(a, b) ((vd)_mm256_max_pd((__m256d)(a), (__m256d)(b)))
 #define VWIDEN(f) ((vd)_mm256_cvtps_pd((__m128)(f)))
 #include "_kernel_loops.h"
-#undef VWIDEN
-#undef VMIN
-#undef VMAX
-#undef VLANES
-#undef ISA
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,f16c")
@@ -144,12 +135,6 @@ static void move_shift(double *shift, double block_max, double *sum, double *t) 
 #define VRCP14(a) ((vd)_mm512_rcp14_pd((__m512d)(a)))
 #define VWIDEN(f) ((vd)_mm512_cvtps_pd((__m256)(f)))
 #include "_kernel_loops.h"
-#undef VRCP14
-#undef VWIDEN
-#undef VMIN
-#undef VMAX
-#undef VLANES
-#undef ISA
 #pragma GCC pop_options
 #endif
 

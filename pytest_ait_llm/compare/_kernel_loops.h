@@ -1,7 +1,8 @@
 /*
  * The hot loops of _kernel.c. That file includes this one once per instruction set (x86-64: AVX-512, AVX2+FMA,
  * baseline; elsewhere: baseline), with ISA(name) giving each copy its own names; the module picks one copy for the
- * CPU it runs on when it is imported. Not a header of its own: it relies on _kernel.c's types and helpers.
+ * CPU it runs on when it is imported. Not a header of its own: it relies on _kernel.c's types and helpers, and it
+ * #undefs its settings (ISA, VLANES, VMIN/VMAX, VWIDEN, VRCP14) at its end.
  *
  * The loops are written with GCC/Clang vector types of VLANES lanes, one register wide (vd: VLANES float64; 8 for
  * AVX-512, 4 for AVX2, 2 for SSE2), so vectorisation does not depend on the optimiser. Each quantity is summed in
@@ -34,12 +35,10 @@ static inline __attribute__((always_inline)) vd ISA(sel)(vl mask, vd a, vd b) {
 
 #ifndef VWIDEN
 #define VWIDEN(f) __builtin_convertvector((f), vd)
-#define VWIDEN_GENERIC
 #endif
 #ifndef VMIN
 #define VMIN(a, b) ISA(sel)((a) < (b), (a), (b))
 #define VMAX(a, b) ISA(sel)((a) > (b), (a), (b))
-#define VMINMAX_GENERIC
 #endif
 
 static inline __attribute__((always_inline)) vd ISA(vabs)(vd a) {
@@ -345,18 +344,16 @@ static void ISA(light_pass)(const char *g, int gk, const char *m, int mk, Py_ssi
     st[S_N] += (double)n;
 }
 
+/* This copy is done: forget its types and the including file's settings, ready for the next copy. */
 #undef vd
 #undef vl
 #undef vu64
 #undef vf
 #undef vu32
 #undef vu16
-#ifdef VMINMAX_GENERIC
 #undef VMIN
 #undef VMAX
-#undef VMINMAX_GENERIC
-#endif
-#ifdef VWIDEN_GENERIC
 #undef VWIDEN
-#undef VWIDEN_GENERIC
-#endif
+#undef VRCP14
+#undef VLANES
+#undef ISA
