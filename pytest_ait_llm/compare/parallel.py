@@ -2,7 +2,7 @@
 
 Forked processes by default. The compiled pass (compare/_kernel.c) releases the GIL, but the Python around each
 pair (opening files, matching inputs, building the row) holds it: on the 2-core box two forked workers were
-1.2-1.5x faster than serial and ~10 % faster than two threads (docs/performance.md). The workers are plain
+1.4-1.7x faster than serial and 14-36 % faster than two threads (docs/performance.md). The workers are plain
 ``os.fork`` children that inherit the engine and the tasks (nothing is pickled on the way in, custom metrics
 included), take the next task from a counter in shared memory and send rows back through pipes; this starts in
 a few ms where a ``ProcessPoolExecutor`` took ~25 ms and a round trip per task.
