@@ -3,6 +3,7 @@ instruction-set copy this CPU can run, at block edges, misaligned payloads, NaN/
 from __future__ import annotations
 
 import math
+import platform
 
 import numpy as np
 import pytest
@@ -19,8 +20,11 @@ ISAS = ["avx512", "avx2", "baseline"]
 def test_the_compiled_pass_is_built_and_used_on_this_machine():
     """`make` builds it (gcc is on every CI machine); without it every compare runs ~4x slower, silently."""
     assert fastpass._kernel is not None
-    assert fastpass.isa() in ("avx512", "avx2")  # x86-64 CI hosts have AVX2
-    assert fastpass.available()
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert fastpass.isa() in ("avx512", "avx2")  # every x86-64 server of the last decade has AVX2
+        assert fastpass.available()
+    else:  # no vector copy for this architecture yet: the numpy pass is the default
+        assert fastpass.isa() == "baseline" and not fastpass.available()
 
 
 @pytest.fixture(params=ISAS)
