@@ -10,6 +10,7 @@ import pytest
 
 from pytest_ait_llm.compare import fastpass
 from pytest_ait_llm.compare.metrics import METRICS, compare_tensors, similarity
+from pytest_ait_llm.formats.atb_bin import float32_to_bf16_bits
 from pytest_ait_llm.formats.tensor import RawTensor
 
 pytestmark = pytest.mark.skipif(fastpass._kernel is None, reason="the compiled pass is not built here")
@@ -44,8 +45,7 @@ def isa(request, monkeypatch):
 def as_raw(values: np.ndarray, dtype: str) -> RawTensor:
     arr = np.asarray(values)
     if dtype == "bfloat16":  # round to nearest even, as torch does
-        bits = np.ascontiguousarray(arr, np.float32).view(np.uint32)
-        data = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        data = float32_to_bf16_bits(arr)
     else:
         data = arr.astype(dtype)
     return RawTensor(data.reshape(-1), dtype, tuple(arr.shape))
