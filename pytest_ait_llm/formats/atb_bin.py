@@ -195,7 +195,7 @@ def read_bin_header(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BIN
 
 def _cached_header(p: Path, fd: int, size: int) -> BinHeader:
     """:func:`_header_from`, parsed once per file version (see formats/parsed.py); a copy, so callers may keep it."""
-    key = parsed.file_key(p, fd)
+    key = parsed.file_key(p, os.fstat(fd))
     header = parsed.get(key)
     if header is None:
         header = _header_from(p, fd, size)

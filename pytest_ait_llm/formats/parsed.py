@@ -29,9 +29,8 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
-def file_key(path: os.PathLike | str, fd: int) -> tuple:
-    """The identity of the file open as ``fd`` under ``path``."""
-    st = os.fstat(fd)
+def file_key(path: os.PathLike | str, st: os.stat_result) -> tuple:
+    """The identity of the file opened under ``path`` whose ``os.fstat`` is ``st``."""
     return os.fspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 

@@ -103,12 +103,13 @@ def read_plain_tensor(path: Path) -> RawTensor | None:
     except (OSError, ValueError):
         return None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             return None
         # One read-only map of the whole file: zipfile parses it without a syscall per seek and read, and the
         # tensor is a view into it (pages are read when used). What the zip and pickle said is kept per file
         # version (formats/parsed.py): a file opened again is only mapped.
-        key = parsed.file_key(path, fd)
+        key = parsed.file_key(path, st)
         fh = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         view = parsed.get(key)
         if view is None:
