@@ -157,8 +157,8 @@ def same_tensor(a, b) -> bool:
     tensor names), which are two dumps of one tensor: same dtype and shape, and then the first and last
     SAMPLE_ENDS elements and SAMPLE_WINDOWS windows in between must be byte-identical (~12 KB read, not the
     payloads). A tensor changed in place between the two dumps shows in the sample unless the change is confined to
-    a few elements; reusing the producer's error then still judges the op conservatively (on the error its output
-    has beyond what its producer's output had).
+    unsampled elements; the op would then be judged against its producer's output error instead of its own input's
+    (only the share of the error attributed to it can shift: its output is always compared in full).
     """
     if a.dtype != b.dtype or tuple(a.shape) != tuple(b.shape) or a.numel != b.numel:
         return False
