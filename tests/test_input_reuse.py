@@ -3,6 +3,7 @@ the tensor are the same; otherwise the input files are read. Reports must be the
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -27,15 +28,27 @@ def dumps(tmp_path_factory):
 
 
 def _counting(monkeypatch):
-    seen = {"reused": 0, "read": 0}
-    original = engine_mod.Engine._input_error
+    """Counts input pairs read through (in a worker, or in the parent after a sample differed) and all of them."""
+    seen = {"inputs": 0, "read": 0}
+    matched, read_here, read_after = (engine_mod._input_tensors, engine_mod._similarity_or_none,
+                                      engine_mod.Engine._input_error)
 
-    def counted(self, g, m, source):
-        got = original(self, g, m, source)
-        seen["reused" if isinstance(got, int) else "read"] += 1
+    def inputs(*args):
+        got = matched(*args)
+        seen["inputs"] += len(got)
         return got
 
-    monkeypatch.setattr(engine_mod.Engine, "_input_error", counted)
+    def read(*args):
+        seen["read"] += 1
+        return read_here(*args)
+
+    def read_later(self, *args):
+        seen["read"] += 1
+        return read_after(self, *args)
+
+    monkeypatch.setattr(engine_mod, "_input_tensors", inputs)
+    monkeypatch.setattr(engine_mod, "_similarity_or_none", read)
+    monkeypatch.setattr(engine_mod.Engine, "_input_error", read_later)
     return seen
 
 
@@ -47,11 +60,14 @@ def test_reused_input_errors_equal_the_ones_read_from_the_files(dumps, tmp_path,
     golden, my = dumps
     monkeypatch.setenv("AIT_LLM_EXECUTOR", "serial")
     seen = _counting(monkeypatch)
-    reused = run_compare(golden, my, output_dir=tmp_path / "a")
-    assert seen["reused"] > seen["read"] > 0  # layer inputs and norm outputs feed the next op: most are reused
-    monkeypatch.setattr(engine_mod, "same_tensor", lambda a, b: False)
+    reused_run = run_compare(golden, my, output_dir=tmp_path / "a")
+    reused = seen["inputs"] - seen["read"]
+    assert reused > seen["read"] > 0  # layer inputs and norm outputs feed the next op: most are reused
+    monkeypatch.setattr(engine_mod, "sample_digest", lambda t: os.urandom(16))  # no sample ever matches
+    seen.update(inputs=0, read=0)
     read = run_compare(golden, my, output_dir=tmp_path / "b")
-    a, b = _rows(reused), _rows(read)
+    assert seen["read"] == seen["inputs"] > 0
+    a, b = _rows(reused_run), _rows(read)
     assert a.keys() == b.keys()
     for key in a:
         assert (a[key].input_metrics is None) == (b[key].input_metrics is None), key

@@ -5,6 +5,7 @@ Comparing never knows how the dumps were made; it asks formats/ for tensors and 
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import os
 import re
@@ -79,10 +80,10 @@ class _Task:
     """One tensor pair to compare, plus what tells how much error the op received.
 
     ``input_files``: the module's input files, the ATB op's intensor files and the topology's names for those; the
-    worker matches them into input pairs (:func:`input_pairs`, which reads their shapes). ``links`` maps an input's
-    tensor name to the task comparing the op that produced it: ``(task index, its golden path, its my path)``. If
-    both input files hold the same tensors as that task's files, the input's error is that task's output error and
-    the input files are not read through (see :func:`same_tensor`).
+    worker matches them into input pairs (:func:`input_pairs`). ``links`` maps an input's tensor name to the index
+    of the task comparing the op that produced it; ``sampled``: some other task links to this one, so its worker
+    keeps a :func:`sample_digest` of both output files. An input whose two files have the digests of its
+    producer's files takes that task's output error (in :meth:`Engine._finish`) instead of being read through.
     """
 
     row: Row
@@ -90,7 +91,18 @@ class _Task:
     my: Path | None
     input_files: tuple[list[Path], list[Path], tuple[str, ...]] = ((), (), ())
     pair: OpPair | None = None
-    links: dict[str, tuple[int, Path | None, Path | None]] | None = None
+    links: dict[str, int] | None = None
+    sampled: bool = False
+
+
+@dataclass(frozen=True)
+class _Linked:
+    """An input pair whose error is, if the digests match, the output error of task ``index`` (resolved in
+    :meth:`Engine._finish`)."""
+
+    index: int
+    golden: bytes
+    my: bytes
 
 
 def _output_pairs(pair: OpPair, golden_files, my_files) -> list[tuple[int, Path | None, Path | None]]:
@@ -119,24 +131,38 @@ def input_pairs(golden_inputs: Sequence[Path], my_inputs: Sequence[Path], names:
 
     These pairs measure the error an op *received*, so that its verdict can rest on the error it *adds*.
     """
+    return [(g, m, name) for g, _, m, _, name in _input_tensors(golden_inputs, my_inputs, names, opts)]
+
+
+def _input_tensors(golden_inputs: Sequence[Path], my_inputs: Sequence[Path], names: Sequence[str],
+                   opts: ReadOptions) -> list[tuple[Path, object, Path, object, str | None]]:
+    """:func:`input_pairs` with each file opened once: ``(golden file, its tensor, my file, its tensor, name)``.
+    Files that cannot be read are left out, as their shapes cannot be matched."""
     mine = []
     for f in my_inputs:
         name = _tensor_name(f, names)
-        meta = opts.meta(f) if not (name and is_weight(name)) else None
-        if meta is not None and meta[1] in _FLOAT and math.prod(meta[0]) > 1:
-            mine.append((f, meta[0], name))
+        t = _try_load(opts, f) if not (name and is_weight(name)) else None
+        if t is not None and t.dtype in _FLOAT and math.prod(t.shape) > 1:
+            mine.append((f, t, name))
     used: set[int] = set()
     out = []
     for g in _primary_inputs(list(golden_inputs)):
-        meta = opts.meta(g)
-        if meta is None or meta[1] not in _FLOAT:
+        gt = _try_load(opts, g)
+        if gt is None or gt.dtype not in _FLOAT:
             continue
-        for k, (m, m_shape, name) in enumerate(mine):
-            if k not in used and shapes_compatible(meta[0], m_shape):
+        for k, (m, mt, name) in enumerate(mine):
+            if k not in used and shapes_compatible(gt.shape, mt.shape):
                 used.add(k)
-                out.append((g, m, name))
+                out.append((g, gt, m, mt, name))
                 break
     return out
+
+
+def _try_load(opts: ReadOptions, path: Path):
+    try:
+        return opts.load(path)
+    except (AitLlmError, OSError):
+        return None
 
 
 def _tensor_name(path: Path, names: Sequence[str]) -> str | None:
@@ -150,23 +176,32 @@ def _tensor_name(path: Path, names: Sequence[str]) -> str | None:
 SAMPLE_ENDS, SAMPLE_WINDOWS, SAMPLE_RUN = 1024, 16, 64
 
 
-def same_tensor(a, b) -> bool:
-    """Whether two dumped tensors hold the same values, judged from a sample of their bytes.
+def sample_digest(t) -> bytes:
+    """A digest of a dumped tensor's dtype, shape and a sample of its bytes: two dumps of one tensor with equal
+    digests are taken to hold the same values.
 
-    Only ever asked of an op's input file and the output file of the op that produced it (linked by the topology's
-    tensor names), which are two dumps of one tensor: same dtype and shape, and then the first and last
-    SAMPLE_ENDS elements and SAMPLE_WINDOWS windows in between must be byte-identical (~12 KB read, not the
-    payloads). A tensor changed in place between the two dumps shows in the sample unless the change is confined to
-    unsampled elements; the op would then be judged against its producer's output error instead of its own input's
-    (only the share of the error attributed to it can shift: its output is always compared in full).
+    Only ever compared between an op's input file and the output file of the op that produced it (linked by the
+    topology's tensor names), which are two dumps of one tensor. The sample is the first and last SAMPLE_ENDS
+    elements and SAMPLE_WINDOWS windows of SAMPLE_RUN in between (~12 KB read, not the payload); a tensor of
+    fewer elements is taken whole. A tensor changed in place between the two dumps shows in the sample unless the
+    change is confined to unsampled elements; the op would then be judged against its producer's output error
+    instead of its own input's (only the share of the error attributed to it can shift: its output is always
+    compared in full).
     """
-    if a.dtype != b.dtype or tuple(a.shape) != tuple(b.shape) or a.numel != b.numel:
-        return False
-    fa, fb = (np.asarray(t.data).reshape(-1)[:t.numel] for t in (a, b))  # plain views: memmap slicing is slow
-    n = fa.size
+    flat = np.asarray(t.data).reshape(-1)[:t.numel]  # a plain view: memmap slicing is slow
+    h = hashlib.blake2b(f"{t.dtype}|{tuple(t.shape)}|{t.numel}|".encode(), digest_size=16)
+    n = flat.size
     if n <= 2 * SAMPLE_ENDS + SAMPLE_WINDOWS * SAMPLE_RUN:
-        return fa.tobytes() == fb.tobytes()
-    return all(fa[s].tobytes() == fb[s].tobytes() for s in _sample_spots(n))
+        h.update(flat.tobytes())
+    else:
+        for spot in _sample_spots(n):
+            h.update(flat[spot].tobytes())
+    return h.digest()
+
+
+def same_tensor(a, b) -> bool:
+    """Whether two dumped tensors hold the same values, judged from a sample of their bytes (:func:`sample_digest`)."""
+    return sample_digest(a) == sample_digest(b)
 
 
 @functools.lru_cache(maxsize=256)
@@ -179,6 +214,13 @@ def _sample_spots(n: int) -> tuple:
 
 
 # ------------------------------------------------------------------------------------------------------ the engine
+
+def _similarity_or_none(golden, my) -> dict[str, float] | None:
+    try:
+        return similarity(golden, my)
+    except (AitLlmError, OSError):
+        return None
+
 
 def _worst_inputs(results: list[dict[str, float] | None]) -> dict[str, float] | None:
     """The worst error over an op's inputs: lowest cosine, highest relative euclidean distance."""
@@ -331,6 +373,8 @@ class Engine:
             golden = self.golden_opts.load(task.golden)
             my = self.my_opts.load(task.my)
             row.metrics = compare_tensors(golden, my, custom_metrics=self.custom_metrics)
+            if task.sampled:  # its pages were just read: the sample costs no I/O here
+                row.output_sample = (sample_digest(golden), sample_digest(my))
         except AitLlmError as exc:
             row.reason, row.passed = str(exc), False
             return
@@ -342,37 +386,45 @@ class Engine:
         if row.metrics.fail_reason:
             row.reason = row.metrics.fail_reason
         links = task.links or {}
-        row.input_parts = [(self._input_error(g_path, m_path, links.get(name) if name else None), g_path, m_path)
-                           for g_path, m_path, name in input_pairs(*task.input_files, self.my_opts)]
+        parts = []
+        for g_path, g, m_path, m, name in _input_tensors(*task.input_files, self.my_opts):
+            index = links.get(name) if name else None
+            part = (_Linked(index, sample_digest(g), sample_digest(m)) if index is not None
+                    else _similarity_or_none(g, m))
+            parts.append((part, g_path, m_path))
+            g = m = None  # noqa: F841
+        row.input_parts = parts
 
-    def _input_error(self, g_path: Path, m_path: Path, source) -> dict[str, float] | int | None:
-        """The error of one input pair, or the index of the task whose output error it is (resolved in _finish)."""
+    def _input_error(self, g_path: Path, m_path: Path) -> dict[str, float] | None:
+        """The error of one input pair, read from its files; None when they cannot be read."""
         try:
-            golden, my = self.golden_opts.load(g_path), self.my_opts.load(m_path)
-            if source is not None:
-                index, g_out, m_out = source
-                if same_tensor(golden, self.golden_opts.load(g_out)) and same_tensor(my, self.my_opts.load(m_out)):
-                    return index
-            return similarity(golden, my)
+            return similarity(self.golden_opts.load(g_path), self.my_opts.load(m_path))
         except (AitLlmError, OSError):
             return None
 
     def _finish(self, tasks: list[_Task]) -> None:
-        """Give each row its input error (taking reused ones from the producing tasks' rows) and its verdict."""
+        """Give each row its input error (taking linked ones from the producing tasks' rows when the samples
+        match, else reading the input files) and its verdict."""
         for task in tasks:
             row = task.row
             if row.status != COMPARED or row.metrics is None:
                 continue
             errors = []
             for part, g_path, m_path in row.input_parts:
-                if isinstance(part, int):
-                    source = tasks[part].row.metrics
-                    part = ({k: source.values[k] for k in ("cosine_similarity", "relative_euclidean_distance")}
-                            if source is not None and source.compared else self._input_error(g_path, m_path, None))
+                if isinstance(part, _Linked):
+                    source = tasks[part.index].row
+                    if (source.metrics is not None and source.metrics.compared
+                            and source.output_sample == (part.golden, part.my)):
+                        part = {k: source.metrics.values[k] for k in ("cosine_similarity",
+                                                                      "relative_euclidean_distance")}
+                    else:  # changed after its producer was dumped (or that pair failed): its own files say
+                        part = self._input_error(g_path, m_path)
                 errors.append(part)
             row.input_parts = []
             row.input_metrics = _worst_inputs(errors)
             self._judge(row)
+        for task in tasks:
+            task.row.output_sample = None
 
     def _judge(self, row: Row) -> None:
         dtype = _coarser(row.metrics.golden, row.metrics.my)
@@ -406,7 +458,7 @@ def _producers(topology) -> dict[str, list[AtbOp]]:
 def _link_inputs(tasks: list[_Task], start: int, producers: dict[str, list[AtbOp]], token_dir: Path,
                  files_of: Callable = op_files) -> None:
     """Set ``links`` of tasks[start:] (one token of one rank): for each input tensor name, a task that compares an
-    output file of an op producing it, when there is one."""
+    output file of an op producing it, when there is one; that task is then ``sampled``."""
     by_my = {str(t.my): i for i, t in enumerate(tasks[start:], start) if t.my is not None}
     found: dict[str, int | None] = {}
     for task in tasks[start:]:
@@ -421,7 +473,8 @@ def _link_inputs(tasks: list[_Task], start: int, producers: dict[str, list[AtbOp
                         break
             index = found[name]
             if index is not None:
-                links[name] = (index, tasks[index].golden, tasks[index].my)
+                links[name] = index
+                tasks[index].sampled = True
         task.links = links or None
 
 

@@ -105,8 +105,14 @@ def _is_dump_root(folder: Path) -> bool:
 @functools.lru_cache(maxsize=4096)
 def _real_folder(folder: str) -> str:
     """realpath() of a folder, remembered: a folder replaced by a symlink after it was first seen in this process
-    is not noticed (as a file replaced between this check and its open() is not)."""
-    return os.path.realpath(folder)
+    is not noticed (as a file replaced between this check and its open() is not).
+
+    Built on the remembered parent: the folders of a dump share every ancestor, so each new folder costs one
+    lstat(), where realpath() lstat()s every component of the path again."""
+    parent, name = os.path.split(folder)
+    if not name or parent == folder or name in (os.curdir, os.pardir) or os.path.islink(folder):
+        return os.path.realpath(folder)
+    return os.path.join(_real_folder(parent), name)
 
 
 def outside_dump_root(path: str | os.PathLike, *, allow_symlinks: bool | None = None) -> str | None:
