@@ -17,7 +17,8 @@ DEFAULT_CHUNK = 1 << 18  # elements per chunk in fused passes: 2 MiB of float64
 class RawTensor:
     """A tensor read from a dump.
 
-    ``data`` is a flat numpy array of the storage dtype (a ``np.memmap`` for .bin/.npy, bf16 as uint16 patterns);
+    ``data`` is a flat numpy array of the storage dtype (a read-only view of the file's memory map for
+    .bin/.pth, a ``np.memmap`` for .npy; bf16 as uint16 patterns);
     ``dtype`` is the logical dtype name ("bfloat16", "float16", "float32", "int8", ...); ``shape`` the logical shape.
     """
 
