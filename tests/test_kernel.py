@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pytest_ait_llm.compare import fastpass
-from pytest_ait_llm.compare.metrics import METRICS, compare_tensors, similarity
+from pytest_ait_llm.compare.metrics import KL_RTOL, METRICS, compare_tensors, similarity
 from pytest_ait_llm.formats.atb_bin import float32_to_bf16_bits
 from pytest_ait_llm.formats.tensor import RawTensor
 
@@ -64,7 +64,7 @@ def assert_same(got, want, rel=1e-9):
         if math.isnan(b):
             assert math.isnan(a), name
         else:
-            assert a == pytest.approx(b, rel=rel, abs=1e-13), name
+            assert a == pytest.approx(b, rel=max(rel, KL_RTOL) if name == "kl_divergence" else rel, abs=1e-13), name
     for side in ("golden", "my"):
         g, w = getattr(got, side), getattr(want, side)
         assert (g.nan_count, g.inf_count, g.numel, g.dtype, g.shape) == (w.nan_count, w.inf_count, w.numel, w.dtype,
@@ -191,13 +191,40 @@ def test_kl_is_exact_whatever_the_distance_between_golden_and_mine(isa, monkeypa
     m = g + rng.uniform(-spread, spread, g.size)
     golden, my = as_raw(g, "float64"), as_raw(m, "float64")
     got = compare_tensors(golden, my).values["kl_divergence"]
-    # the reference in extended precision: in float64, log-softmax differences of nearly equal tensors lose digits
+    assert got == pytest.approx(wide_kl(g, m), rel=1e-9, abs=1e-18)
+    assert got == pytest.approx(numpy_pass(golden, my, monkeypatch).values["kl_divergence"], rel=1e-9, abs=1e-18)
+
+
+def wide_kl(g: np.ndarray, m: np.ndarray) -> float:
+    """KL(softmax(g) || softmax(m)) in extended precision: in float64, log-softmax differences of nearly equal
+    tensors lose digits."""
     wide_g, wide_m = g.astype(np.longdouble), m.astype(np.longdouble)
 
     def log_softmax(x):
         return x - (x.max() + np.log(np.sum(np.exp(x - x.max()))))
 
     lp_g, lp_m = log_softmax(wide_g), log_softmax(wide_m)
-    want = float(np.sum(np.exp(lp_g) * (lp_g - lp_m)))
-    assert got == pytest.approx(want, rel=1e-9, abs=1e-18)
-    assert got == pytest.approx(numpy_pass(golden, my, monkeypatch).values["kl_divergence"], rel=1e-9, abs=1e-18)
+    return float(np.sum(np.exp(lp_g) * (lp_g - lp_m)))
+
+
+@pytest.mark.parametrize("case", ["spread", "few dominate", "biased", "large logits", "near the float32 range"])
+@pytest.mark.parametrize("mine", ["float32", "bfloat16", "float16"])
+def test_kl_from_float32_terms_stays_within_kl_rtol(isa, monkeypatch, case, mine):
+    """Where neither side is float64 and |m - g| is small, exp() and the KL terms run in float32 (summed in
+    float64), about the running mean of m - g: the KL stays within KL_RTOL of the extended-precision reference,
+    also when a few values dominate the softmax and m - g has a mean far from 0 (the case centring is for)."""
+    rng = np.random.default_rng(11)
+    n = 5 * 1024 + 3
+    g = rng.standard_normal(n)
+    if case == "few dominate":
+        g[[17, 2000, 4999]] = [14.0, 13.5, 13.9]
+    elif case == "large logits":
+        g = 10 * g
+    elif case == "near the float32 range":
+        g = g + 80.0  # exp(g) near float32's largest: the block falls back to float64 where it would overflow
+    g = g.astype(np.float32).astype(np.float64)
+    m = g + rng.normal(0.01 if case in ("biased", "few dominate") else 0.0, 0.003, n)
+    my = as_raw(m, mine)
+    m_stored = my.to_float64()  # what mine holds after rounding to its dtype
+    got = compare_tensors(as_raw(g, "float32"), my).values["kl_divergence"]
+    assert got == pytest.approx(wide_kl(g, m_stored), rel=KL_RTOL, abs=1e-15)

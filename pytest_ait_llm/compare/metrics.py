@@ -5,10 +5,10 @@ time, keeps memory bounded (a few chunk-sized buffers, reused) and the run I/O-b
 I/O-bound. Every metric is therefore written as a streaming accumulation in float64; KL divergence uses an
 online log-sum-exp. Definitions, and where they deliberately differ from ait/msit, are in docs/metrics.md.
 
-Two forms of the pass give the same sums: the compiled one (``_kernel.c`` through ``fastpass.py``, ~1.8 ns per
+Two forms of the pass give the same sums: the compiled one (``_kernel.c`` through ``fastpass.py``, ~1.5 ns per
 element pair), used whenever it is built and both dtypes are floats, and the numpy one below (~7 ns), which is
 the fallback and the reference the tests hold the compiled one to. The final formulas (``_metric_values``) are
-shared.
+shared. They agree to ~1e-12 on every metric but the KL divergence, where they agree to KL_RTOL (see there).
 """
 from __future__ import annotations
 
@@ -36,6 +36,12 @@ METRICS = (
     "kl_divergence",
     "relative_euclidean_distance",
 )
+
+#: How closely the compiled pass's KL divergence agrees with the numpy pass's (relative). Where golden and mine are
+#: close (|m - g| <= 0.34 in a block) and neither is float64, the compiled pass computes exp() and the KL terms in
+#: float32, summed in float64: one exp() instead of two, ~16 % of its time. The terms are taken about the running
+#: mean of m - g, so the float32 rounding scales with the KL itself; measured: ~1e-7 relative, 6e-7 at worst.
+KL_RTOL = 2e-6
 
 #: The original tool's epsilon: relative errors ignore |golden| <= EPS, and a golden norm <= EPS counts as zero.
 EPS = float(np.finfo(np.float32).eps)
