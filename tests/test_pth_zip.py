@@ -1,6 +1,8 @@
 """The torch-free .pth reader: the same tensor as torch's own loader, or None so that torch judges the file."""
 from __future__ import annotations
 
+import mmap
+import struct
 import subprocess
 import sys
 import textwrap
@@ -13,6 +15,7 @@ import torch
 
 from atb_mirror import golden_llama_dump, write_mirror
 from pytest_ait_llm.errors import FormatError
+from pytest_ait_llm.formats import pth_zip
 from pytest_ait_llm.formats.pth_zip import read_plain_tensor
 from pytest_ait_llm.formats.torch_layout import _raw_from_torch, load_torch_tensor
 
@@ -198,6 +201,134 @@ def test_harmless_deviations_are_read_by_us_or_by_torch(tmp_path, change, ours):
     _rewrite(_saved(tmp_path), path, **change)
     assert (read_plain_tensor(path) is not None) == ours
     np.testing.assert_array_equal(load_torch_tensor(path).to_float64(), np.arange(12.0).reshape(3, 4))
+
+
+def _by_zipfile(fh) -> dict:
+    return {info.filename: info for info in zipfile.ZipFile(fh).infolist()}
+
+
+def _directory(path: Path, parse=pth_zip._central_directory) -> dict | None:
+    """The zip's members as ``parse`` finds them (None: it gave up), with what the reader uses of each."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as fh:
+        found = parse(fh)
+    return None if found is None else {name: (e.filename, e.header_offset, e.compress_type, e.compress_size,
+                                              e.file_size) for name, e in found.items()}
+
+
+def _outcome(data: bytes, path: Path):
+    """read_plain_tensor's result on ``data`` written to a new ``path`` (nothing remembered of an earlier parse)."""
+    path.write_bytes(data)
+    try:
+        raw = read_plain_tensor(path)
+    except FormatError as e:
+        return "FormatError", str(e).replace(str(path), "<file>")
+    return None if raw is None else (raw.dtype, raw.shape, raw.to_float64().tolist())
+
+
+def _assert_read_as_through_zipfile(data: bytes, tmp_path: Path, monkeypatch) -> str | None:
+    """The same result as when zipfile read every directory (as before the parser): a tensor, None or the error.
+
+    Returns what it was: "read", None or "FormatError"."""
+    ours = _outcome(data, tmp_path / "ours.pth")
+    with monkeypatch.context() as m:
+        m.setattr(pth_zip, "_central_directory", lambda fh: None)
+        assert ours == _outcome(data, tmp_path / "zipfile.pth")
+    return None if ours is None else "FormatError" if ours[0] == "FormatError" else "read"
+
+
+@pytest.mark.parametrize("content", [
+    torch.arange(12.0).reshape(3, 4), torch.arange(7, dtype=torch.int64),
+    torch.tensor([1.5, -2.25], dtype=torch.bfloat16), torch.tensor([True, False]),
+    torch.zeros(0, 3, dtype=torch.float16), torch.tensor(2.5, dtype=torch.float64),
+    torch.arange(1 << 20, dtype=torch.float32).reshape(1024, 1024), {"a": torch.ones(2), "b": torch.arange(3)},
+], ids=["float32", "int64", "bfloat16", "bool", "empty", "0-d", "4 MiB", "dict"])
+def test_the_zip_directory_of_torch_save_is_read_as_zipfile_reads_it(tmp_path, monkeypatch, content):
+    path = tmp_path / "output.pth"
+    torch.save(content, path)
+    data = path.read_bytes()
+    assert data[-42:-38] == b"PK\x06\x07"  # torch writes the ZIP64 end records: the path under test
+    assert _directory(path) == _directory(path, _by_zipfile)
+    outcome = _assert_read_as_through_zipfile(data, tmp_path, monkeypatch)
+    assert outcome == (None if isinstance(content, dict) else "read")
+
+
+@pytest.mark.parametrize("change, outcome", [
+    ({}, "read"),  # zipfile's own writing: no ZIP64 end records
+    ({"deflate": ("data.pkl",)}, None),
+    ({"deflate": ("data/0",)}, "FormatError"),
+], ids=["zipfile copy", "compressed pickle", "compressed storage"])
+def test_zips_written_by_zipfile_are_read_as_zipfile_reads_them(tmp_path, monkeypatch, change, outcome):
+    path = tmp_path / "output.pth"
+    _rewrite(_saved(tmp_path), path, **change)
+    assert _directory(path) == _directory(path, _by_zipfile)
+    assert _assert_read_as_through_zipfile(path.read_bytes(), tmp_path, monkeypatch) == outcome
+
+
+def _central(data: bytes, suffix: str) -> int:
+    """Where the central directory entry of the member named ``*suffix`` starts, walking from the end record."""
+    count, _, pos = struct.unpack_from("<HLL", data, len(data) - 12)
+    for _ in range(count):
+        name_len, extra_len, comment_len = struct.unpack_from("<HHH", data, pos + 28)
+        if data[pos + 46:pos + 46 + name_len].decode().endswith(suffix):
+            return pos
+        pos += 46 + name_len + extra_len + comment_len
+    raise LookupError(suffix)
+
+
+def _put(data: bytes, pos: int, fmt: str, *values) -> bytes:
+    patch = struct.pack(fmt, *values)
+    return data[:pos] + patch + data[pos + len(patch):]
+
+
+def _end_records(data: bytes, field: str, delta: int, zip64: bool = True) -> bytes:
+    """The directory's entry ``count`` or ``size`` changed by ``delta`` in the end record and (``zip64``) the ZIP64
+    one: torch's ZIP64 record is the 56 bytes before the 20-byte locator and the 22-byte end record."""
+    count, size = struct.unpack_from("<HL", data, len(data) - 12)
+    if field == "count":
+        data = _put(data, len(data) - 14, "<HH", count + delta, count + delta)
+        return _put(data, len(data) - 98 + 24, "<QQ", count + delta, count + delta) if zip64 else data
+    data = _put(data, len(data) - 10, "<L", size + delta)
+    return _put(data, len(data) - 98 + 40, "<Q", size + delta) if zip64 else data
+
+
+def _cut_directory(data: bytes) -> bytes:
+    """The directory's last 20 bytes gone, every count, size and offset left as it was."""
+    end = len(data) - 98
+    return data[:end - 20] + data[end:]
+
+
+#: A change to a torch.save file -> what reading it gives through zipfile, as before: a tensor ("read"), None, or
+#: ``...`` where that depends on the Python version (newer zipfiles check the ZIP64 records more).
+ODD_ZIPS = {
+    "zip comment": (lambda d: _put(d, len(d) - 2, "<H", 5) + b"hello", "read"),
+    "comment length, no comment": (lambda d: _put(d, len(d) - 2, "<H", 5), ...),
+    "garbage after the end record": (lambda d: d + b"\0garbage", ...),
+    "entry count one more": (lambda d: _end_records(d, "count", 1), ...),
+    "entry count one fewer": (lambda d: _end_records(d, "count", -1), ...),
+    "end record's count not the ZIP64 record's": (lambda d: _end_records(d, "count", 1, zip64=False), ...),
+    "ZIP64 locator pointing elsewhere": (lambda d: _put(d, len(d) - 42 + 8, "<Q", 0), ...),
+    "directory size 4 more": (lambda d: _end_records(d, "size", 4), None),  # zipfile looks 4 bytes earlier
+    "central directory cut": (_cut_directory, None),
+    "two disks": (lambda d: _put(d, len(d) - 22 - 4, "<L", 2), None),
+    "member on another disk": (lambda d: _put(d, _central(d, "data/0") + 34, "<H", 1), ...),
+    "size needing a ZIP64 extra field": (lambda d: _put(d, _central(d, "data/0") + 24, "<L", 0xFFFFFFFF), None),
+    "local header past the directory": (lambda d: _put(d, _central(d, "data/0") + 42, "<L", len(d)), None),
+    "encrypted flag": (lambda d: _put(d, _central(d, "data/0") + 8, "<H", 0x809), "read"),
+    "name not UTF-8": (lambda d: _put(d, _central(d, "byteorder") + 46, "<B", 0xFF), None),
+    "NUL in a name": (lambda d: _put(d, _central(d, "/version") + 46 + len("src/versio"), "<B", 0), None),
+    "version zipfile refuses": (lambda d: _put(d, _central(d, "/version") + 6, "<B", 64), None),
+}
+
+
+@pytest.mark.parametrize("kind", ODD_ZIPS)
+def test_an_odd_zip_is_left_to_zipfile(tmp_path, monkeypatch, kind):
+    """Anything torch.save does not write goes to zipfile, whose result (a tensor, None or an error) stays."""
+    damage, outcome = ODD_ZIPS[kind]
+    path = tmp_path / "odd.pth"
+    path.write_bytes(damage(_saved(tmp_path).read_bytes()))
+    assert _directory(path) is None
+    result = _assert_read_as_through_zipfile(path.read_bytes(), tmp_path, monkeypatch)
+    assert outcome is ... or result == outcome
 
 
 def test_compare_of_a_plain_dump_never_imports_torch(tmp_path):

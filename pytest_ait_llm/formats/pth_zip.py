@@ -106,7 +106,7 @@ def read_plain_tensor(path: Path) -> RawTensor | None:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             return None
-        # One read-only map of the whole file: zipfile parses it without a syscall per seek and read, and the
+        # One read-only map of the whole file: its zip directory is parsed without a syscall per seek and read, the
         # tensor is a view into it (pages are read when used). What the zip and pickle said is kept per file
         # version (formats/parsed.py): a file opened again is only mapped.
         key = parsed.file_key(path, st)
@@ -133,7 +133,9 @@ _View = namedtuple("_View", "dtype shape start count strides")
 def _read(fh: mmap.mmap, path: Path) -> _View | None:
     if fh[:4] != b"PK\x03\x04":
         return None
-    members = {info.filename: info for info in zipfile.ZipFile(fh).infolist()}
+    members = _central_directory(fh)
+    if members is None:  # not laid out as torch.save writes: zipfile reads it, and raises what it raises
+        members = {info.filename: info for info in zipfile.ZipFile(fh).infolist()}
     pkl = [name for name in members if name.endswith("/data.pkl") and name.count("/") == 1]
     if len(pkl) != 1:
         return None
@@ -153,7 +155,75 @@ def _read(fh: mmap.mmap, path: Path) -> _View | None:
     return _map(fh, path, tensor, members[prefix + "data/" + tensor.storage[0]])
 
 
-def _member(fh: mmap.mmap, info: zipfile.ZipInfo, limit: int) -> tuple[int, bytes]:
+#: What :func:`_member` and :func:`_map` read of a central directory entry (named as :class:`zipfile.ZipInfo` has it).
+_Entry = namedtuple("_Entry", "filename header_offset compress_type compress_size file_size")
+#: End of central directory: signature, disk, directory's disk, entries on this disk, entries, size, offset, comment.
+_EOCD = struct.Struct("<4s4H2LH")
+#: ZIP64 locator: signature, disk of the ZIP64 record, its offset, disks.
+_EOCD64_LOCATOR = struct.Struct("<4sLQL")
+#: ZIP64 end record (no extensible data): signature, size of the rest, 2 versions, then as _EOCD without a comment.
+_EOCD64 = struct.Struct("<4sQ4x2L4Q")
+#: Central directory entry, unused fields skipped: signature, version needed, flags, method, compressed size, size,
+#: name length, then the extra and comment lengths and the disk (6 bytes, all zero in torch's), local header offset.
+_CENTRAL = struct.Struct("<4s2xBxHH8x2LH6s6xL")
+_UTF8_NAMES = 0x800
+_OTHER_FLAGS = 0xFFFF & ~(_UTF8_NAMES | 0x8)  # torch.save sets only UTF-8 names and data descriptors (bit 3)
+
+
+def _central_directory(fh: mmap.mmap) -> dict[str, _Entry] | None:
+    """The zip's members by name if it ends as torch.save writes it, else None (and zipfile reads it).
+
+    ``zipfile.ZipFile(fh).infolist()`` spends most of its time building a ZipInfo per member. This reads only
+    what a torch.save zip holds (one disk, no comments, no extra fields in the directory, ASCII or UTF-8 names,
+    the directory right before its end records) and requires every count, size and offset to agree, so that what
+    it accepts zipfile reads the same; anything else, odd or damaged, goes to zipfile, whose verdict stays the rule.
+    """
+    eocd = len(fh) - _EOCD.size
+    if eocd < 0:
+        return None
+    sig, disk, cd_disk, count_here, count, cd_size, cd_offset, comment_len = _EOCD.unpack_from(fh, eocd)
+    if sig != b"PK\x05\x06" or disk or cd_disk or comment_len or count_here != count:
+        return None
+    end = eocd  # where the central directory must end
+    locator = eocd - _EOCD64_LOCATOR.size
+    if locator >= 0 and fh[locator:locator + 4] == b"PK\x06\x07":
+        # torch 2.x always writes the ZIP64 records; the 32-bit fields hold the same values or all ones
+        end = locator - _EOCD64.size
+        if end < 0:
+            return None
+        _, record_disk, record_offset, disks = _EOCD64_LOCATOR.unpack_from(fh, locator)
+        sig, record_size, disk, cd_disk, count_here, count64, cd_size64, cd_offset64 = _EOCD64.unpack_from(fh, end)
+        if (sig != b"PK\x06\x06" or record_offset != end or record_disk or disks != 1 or disk or cd_disk
+                or record_size != _EOCD64.size - 12 or count_here != count64 or count not in (count64, 0xFFFF)
+                or cd_size not in (cd_size64, 0xFFFFFFFF) or cd_offset not in (cd_offset64, 0xFFFFFFFF)):
+            return None
+        count, cd_size, cd_offset = count64, cd_size64, cd_offset64
+    if cd_offset + cd_size != end:  # also: nothing prepended to the zip (zipfile would shift every offset)
+        return None
+    members: dict[str, _Entry] = {}
+    pos = cd_offset
+    try:
+        for _ in range(count):
+            if pos + _CENTRAL.size > end:
+                return None
+            sig, needs, flags, method, compress_size, file_size, name_len, zeros, offset = _CENTRAL.unpack_from(fh, pos)
+            start = pos + _CENTRAL.size
+            pos = start + name_len
+            # all-ones sizes or offset need the ZIP64 extra field; zipfile refuses versions above 6.3
+            if (sig != b"PK\x01\x02" or flags & _OTHER_FLAGS or zeros != b"\0\0\0\0\0\0" or needs > 63 or pos > end
+                    or offset + 30 + name_len + compress_size > cd_offset
+                    or 0xFFFFFFFF in (compress_size, file_size, offset)):
+                return None
+            name = fh[start:pos].decode("utf-8" if flags & _UTF8_NAMES else "ascii")  # zipfile: cp437, same on ASCII
+            if "\0" in name or "\\" in name or name in members:  # a name zipfile would cut or rewrite; a duplicate
+                return None
+            members[name] = _Entry(name, offset, method, compress_size, file_size)
+    except UnicodeDecodeError:
+        return None
+    return members if pos == end else None
+
+
+def _member(fh: mmap.mmap, info: _Entry | zipfile.ZipInfo, limit: int) -> tuple[int, bytes]:
     """(offset of the member's bytes in the file, the bytes if no more than ``limit``); stored members only.
 
     The local header's own name and extra lengths say where the bytes start (they may differ from the central
@@ -169,7 +239,7 @@ def _member(fh: mmap.mmap, info: zipfile.ZipInfo, limit: int) -> tuple[int, byte
     return offset, fh[offset:offset + info.file_size] if info.file_size <= limit else b""
 
 
-def _map(fh: mmap.mmap, path: Path, tensor: _Tensor, info: zipfile.ZipInfo) -> _View | None:
+def _map(fh: mmap.mmap, path: Path, tensor: _Tensor, info: _Entry | zipfile.ZipInfo) -> _View | None:
     size, stride, offset = tensor.size, tensor.stride, tensor.offset
     if not (type(size) is tuple and type(stride) is tuple and len(size) == len(stride) and _is_count(offset)
             and all(map(_is_count, size + stride))):
