@@ -60,6 +60,9 @@ class Pairing:
 
 
 Compatible = Callable[[OpPair], "bool | None"]  # True/False from shapes; None when a side has no tensor to tell
+#: A Compatible may carry an ``exact`` attribute, another Compatible: then the first one may guess (the engine's
+#: answers "unknown" without reading, and checks later), and ``exact`` answers wherever the guess could change the
+#: outcome: an alignment of unequal candidate lists, or one whose one-to-one candidates do not all fit.
 
 
 # ---------------------------------------------------------------------------------------------------------- layers
@@ -247,6 +250,14 @@ class _Scope:
             if (i, j) not in cache:
                 cache[(i, j)] = self.compatible(self.make_pair(atb[i], mods[j], rule)) is not False
             return cache[(i, j)]
+
+        if len(atb) != len(mods):  # which pairs fit decides the alignment: no guessing
+            exact = getattr(self.compatible, "exact", self.compatible)
+
+            def ok(i: int, j: int) -> bool:  # noqa: F811 - the same question, answered exactly
+                if (i, j) not in cache:
+                    cache[(i, j)] = exact(self.make_pair(atb[i], mods[j], rule)) is not False
+                return cache[(i, j)]
 
         pairs, amb_a, amb_t = align(len(atb), len(mods), ok)
         for i, j in pairs:
