@@ -96,14 +96,15 @@ class TorchDump:
         """
         folder = self.module_dir(token_id, module_name)
         files = OpFiles()
-        try:
-            entries = list(folder.iterdir()) if folder.is_dir() else []
-        except OSError:  # unreadable folder: nothing to compare, the report says no tensor was dumped
+        try:  # scandir: one call lists the folder and tells files apart without a stat() per entry
+            with os.scandir(folder) as it:
+                entries = [(entry.name, entry.is_file()) for entry in it]
+        except (OSError, ValueError):  # missing or unreadable folder: the report says no tensor was dumped
             entries = []
-        for path in entries:
-            match = _TENSOR_FILE.match(path.name)
-            if match and path.is_file():
-                (files.inputs if match.group(1) == "input" else files.outputs).append(path)
+        for name, is_file in entries:
+            match = _TENSOR_FILE.match(name)
+            if match and is_file:
+                (files.inputs if match.group(1) == "input" else files.outputs).append(folder / name)
         files.inputs.sort(key=_tensor_file_key)
         files.outputs.sort(key=_tensor_file_key)
         return files
