@@ -63,7 +63,7 @@ def test_reused_input_errors_equal_the_ones_read_from_the_files(dumps, tmp_path,
     reused_run = run_compare(golden, my, output_dir=tmp_path / "a")
     reused = seen["inputs"] - seen["read"]
     assert reused > seen["read"] > 0  # layer inputs and norm outputs feed the next op: most are reused
-    monkeypatch.setattr(engine_mod, "sample_digest", lambda t: os.urandom(16))  # no sample ever matches
+    monkeypatch.setattr(engine_mod, "sample_digest", lambda t, **kw: os.urandom(16))  # no sample ever matches
     seen.update(inputs=0, read=0)
     read = run_compare(golden, my, output_dir=tmp_path / "b")
     assert seen["read"] == seen["inputs"] > 0
@@ -117,3 +117,28 @@ def test_same_tensor_checks_dtype_shape_and_sampled_bytes():
     other = small.copy()
     other[1500] = 7.0  # small tensors are compared whole
     assert not same_tensor(RawTensor(small, "float32", (3000,)), RawTensor(other, "float32", (3000,)))
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".pth"])
+def test_a_sample_read_from_the_file_has_the_digest_of_the_mapped_one(tmp_path, suffix):
+    """Inputs are sampled with pread() (their pages are not mapped yet), outputs through their maps: a tensor must
+    get one digest either way, and a change in a sampled window must change it."""
+    import torch
+
+    from pytest_ait_llm.compare.engine import ReadOptions, sample_digest
+
+    values = np.random.default_rng(1).standard_normal(200_000).astype(np.float32)
+    ends, windows = engine_mod.SAMPLE_ENDS, engine_mod.SAMPLE_WINDOWS
+    in_a_window = ends + (values.size - 2 * ends) // windows * 3 + 5
+    digests = []
+    for k, data in enumerate((values, np.where(np.arange(values.size) == in_a_window, 9.0, values))):
+        path = tmp_path / f"t{k}{suffix}"
+        if suffix == ".bin":
+            write_bin(path, data.astype(np.float32).reshape(400, 500))
+        else:
+            torch.save(torch.from_numpy(data.astype(np.float32).reshape(400, 500)), path)
+        tensor = ReadOptions().load(path)
+        assert tensor.offset is not None
+        digests.append((sample_digest(tensor, from_file=True), sample_digest(tensor)))
+    assert digests[0][0] == digests[0][1] and digests[1][0] == digests[1][1]
+    assert digests[0][0] != digests[1][0]

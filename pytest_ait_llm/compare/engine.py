@@ -176,7 +176,7 @@ def _tensor_name(path: Path, names: Sequence[str]) -> str | None:
 SAMPLE_ENDS, SAMPLE_WINDOWS, SAMPLE_RUN = 1024, 16, 64
 
 
-def sample_digest(t) -> bytes:
+def sample_digest(t, *, from_file: bool = False) -> bytes:
     """A digest of a dumped tensor's dtype, shape and a sample of its bytes: two dumps of one tensor with equal
     digests are taken to hold the same values.
 
@@ -187,16 +187,46 @@ def sample_digest(t) -> bytes:
     change is confined to unsampled elements; the op would then be judged against its producer's output error
     instead of its own input's (only the share of the error attributed to it can shift: its output is always
     compared in full).
+
+    ``from_file``: read the sample with pread() where the tensor lies contiguously in its file, for a tensor whose
+    pages were not read yet: mapping 18 scattered pages costs ~300 us on this VM, 18 preads ~30 us. The digest is
+    the same either way.
     """
     flat = np.asarray(t.data).reshape(-1)[:t.numel]  # a plain view: memmap slicing is slow
     h = hashlib.blake2b(f"{t.dtype}|{tuple(t.shape)}|{t.numel}|".encode(), digest_size=16)
     n = flat.size
     if n <= 2 * SAMPLE_ENDS + SAMPLE_WINDOWS * SAMPLE_RUN:
         h.update(flat.tobytes())
-    else:
+    elif not (from_file and t.offset is not None and t.path is not None and _digest_from_file(h, t, n)):
         for spot in _sample_spots(n):
             h.update(flat[spot].tobytes())
     return h.digest()
+
+
+def _digest_from_file(h, t, n: int) -> bool:
+    """Feed ``h`` the sample of :func:`_sample_spots`, in its order, read from the file; False if it cannot be."""
+    item = np.dtype(t.data.dtype).itemsize
+    step = (n - 2 * SAMPLE_ENDS) // SAMPLE_WINDOWS
+    runs = [(0, SAMPLE_ENDS), (n - SAMPLE_ENDS, SAMPLE_ENDS)]
+    runs += [(SAMPLE_ENDS + step * k, SAMPLE_RUN) for k in range(SAMPLE_WINDOWS)]
+    parts = []
+    try:
+        fd = os.open(t.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except (OSError, ValueError):
+        return False
+    try:
+        for start, count in runs:
+            part = os.pread(fd, count * item, t.offset + start * item)
+            if len(part) != count * item:
+                return False
+            parts.append(part)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    for part in parts:
+        h.update(part)
+    return True
 
 
 def same_tensor(a, b) -> bool:
@@ -437,8 +467,8 @@ class Engine:
         parts = []
         for g_path, g, m_path, m, name in _input_tensors(*task.input_files, self.my_opts):
             index = links.get(name) if name else None
-            part = (_Linked(index, sample_digest(g), sample_digest(m)) if index is not None
-                    else _similarity_or_none(g, m))
+            part = (_Linked(index, sample_digest(g, from_file=True), sample_digest(m, from_file=True))
+                    if index is not None else _similarity_or_none(g, m))
             parts.append((part, g_path, m_path))
             g = m = None  # noqa: F841
         row.input_parts = parts

@@ -325,7 +325,8 @@ def read_bin(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BIN_BYTES,
             data = data.reshape(header.dims)
     finally:
         os.close(fd)
-    return RawTensor(data=data, dtype=acl.name, shape=header.dims, path=header.path)
+    return RawTensor(data=data, dtype=acl.name, shape=header.dims, path=header.path,
+                     offset=header.payload_offset + header.object_offset)
 
 
 # ----------------------------------------------------------------------------------------------------- writing

@@ -277,4 +277,5 @@ def _tensor(fh: mmap.mmap, path: Path, view: _View) -> RawTensor:
     else:
         data = np.lib.stride_tricks.as_strided(np.frombuffer(fh, dtype, view.count, view.start), view.shape,
                                                view.strides, writeable=False)
-    return RawTensor(data=data, dtype=view.dtype, shape=view.shape, path=path)
+    return RawTensor(data=data, dtype=view.dtype, shape=view.shape, path=path,
+                     offset=view.start if view.strides is None else None)
