@@ -222,14 +222,8 @@ static inline __attribute__((always_inline)) vf2 ISA(vexpf)(vf2 x) {
     vi2 k = (vi2)kf - 0x4B400000;
     kf -= shifter;
     vf2 r = x - kf * ln2_hi - kf * ln2_lo;
-    vf2 p = (vf2){0} + 1.0f / 5040.0f;
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
+    vf2 p = (vf2){0} + (float)INV_FACTORIAL[7];
+    for (int j = 6; j >= 0; j--) p = p * r + (float)INV_FACTORIAL[j];
     return p * (vf2)((k + 127) << 23);
 }
 
