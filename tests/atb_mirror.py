@@ -155,3 +155,18 @@ def golden_llama_dump(out_dir: Path, *, num_layers: int, seq: int = 8, new_token
     with register_hook(model, DumpConfig(dump_path=out_dir, token_range=range(new_tokens))) as handle:
         model.generate(input_ids(seq=seq), max_new_tokens=new_tokens, do_sample=False)
     return open_torch_dump(handle.dump_dir)
+
+
+def mirror_pair(factory, *, num_layers: int = 2) -> tuple[TorchDump, Path]:
+    """A golden Llama dump and its ATB mirror, in folders of pytest's ``tmp_path_factory`` (for module fixtures)."""
+    golden = golden_llama_dump(factory.mktemp("golden"), num_layers=num_layers)
+    my, _ = write_mirror(golden, factory.mktemp("my"), num_layers=num_layers)
+    return golden, my
+
+
+def report_text(result) -> str:
+    """A comparison's CSV report without its file-path columns: equal for the same dumps compared from copies."""
+    from pytest_ait_llm.report.csv_report import dataframe
+
+    frame = dataframe(result)
+    return frame.drop(columns=[c for c in frame.columns if "path" in c]).to_csv(index=False)

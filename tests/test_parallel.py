@@ -8,25 +8,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from atb_mirror import golden_llama_dump, write_mirror
+from atb_mirror import mirror_pair, report_text
 from pytest_ait_llm.api import run_compare
 from pytest_ait_llm.compare import engine as engine_mod
 from pytest_ait_llm.errors import AitLlmError
-from pytest_ait_llm.report.csv_report import dataframe
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="forked workers need fork()")
 
 
 @pytest.fixture(scope="module")
 def dumps(tmp_path_factory):
-    golden = golden_llama_dump(tmp_path_factory.mktemp("golden"), num_layers=2)
-    my, _ = write_mirror(golden, tmp_path_factory.mktemp("my"), num_layers=2)
-    return golden, my
-
-
-def _report(result):
-    frame = dataframe(result)
-    return frame.drop(columns=[c for c in frame.columns if "path" in c]).to_csv(index=False)
+    return mirror_pair(tmp_path_factory)
 
 
 def _children() -> set[int]:
@@ -44,7 +36,7 @@ def test_processes_give_the_serial_report_and_tick_once_per_pair(dumps, tmp_path
     ticks = []
     monkeypatch.setenv("AIT_LLM_EXECUTOR", "processes")
     forked = run_compare(golden, my, output_dir=tmp_path / "p", workers=2, progress=lambda d, t: ticks.append((d, t)))
-    assert _report(forked) == _report(serial)
+    assert report_text(forked) == report_text(serial)
     total = ticks[-1][1]
     assert [d for d, _ in ticks] == list(range(1, total + 1)) and total == len(serial.compared) + sum(
         1 for r in serial.rows if r.status == "skipped")
@@ -103,7 +95,7 @@ def test_comparisons_forking_from_several_threads_at_once_all_complete(dumps, tm
 
     def one(i):
         start.wait()
-        return _report(run_compare(golden, my, output_dir=tmp_path / str(i), workers=2))
+        return report_text(run_compare(golden, my, output_dir=tmp_path / str(i), workers=2))
 
     with ThreadPoolExecutor(3) as pool:
         reports = list(pool.map(one, range(3)))

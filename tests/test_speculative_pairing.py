@@ -8,23 +8,15 @@ import shutil
 import numpy as np
 import pytest
 
-from atb_mirror import golden_llama_dump, write_mirror
+from atb_mirror import mirror_pair, report_text
 from pytest_ait_llm.api import run_compare
 from pytest_ait_llm.compare import engine as engine_mod
 from pytest_ait_llm.formats.atb_bin import read_bin, write_bin
-from pytest_ait_llm.report.csv_report import dataframe
 
 
 @pytest.fixture(scope="module")
 def dumps(tmp_path_factory):
-    golden = golden_llama_dump(tmp_path_factory.mktemp("golden"), num_layers=2)
-    my, _ = write_mirror(golden, tmp_path_factory.mktemp("my"), num_layers=2)
-    return golden, my
-
-
-def _report(result):
-    frame = dataframe(result)
-    return frame.drop(columns=[c for c in frame.columns if "path" in c]).to_csv(index=False)
+    return mirror_pair(tmp_path_factory)
 
 
 def _exact(monkeypatch):
@@ -65,7 +57,7 @@ def test_one_to_one_pairs_are_not_read_before_comparing(dumps, tmp_path, monkeyp
     assert 0 < seen["early_reads"] <= 4, seen
     _exact(monkeypatch)
     exact = run_compare(golden, my, output_dir=tmp_path / "exact")
-    assert _report(guessed) == _report(exact)
+    assert report_text(guessed) == report_text(exact)
 
 
 def test_a_wrong_guess_is_redone_and_reports_the_exact_pairing(dumps, tmp_path, monkeypatch):
@@ -84,6 +76,6 @@ def test_a_wrong_guess_is_redone_and_reports_the_exact_pairing(dumps, tmp_path, 
     assert seen["runs"] == 2  # the guess failed its check, and the run was redone reading first
     _exact(monkeypatch)
     exact = run_compare(golden, mine, output_dir=tmp_path / "exact")
-    assert _report(guessed) == _report(exact)
+    assert report_text(guessed) == report_text(exact)
     assert any(u.name.endswith(target.parent.parent.name) or target.parent.parent.name in u.name
                for u in guessed.unpaired), "the misfit op is reported unpaired, as reading first decides"
