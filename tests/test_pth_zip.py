@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 import subprocess
 import sys
@@ -203,14 +204,14 @@ def test_harmless_deviations_are_read_by_us_or_by_torch(tmp_path, change, ours):
     np.testing.assert_array_equal(load_torch_tensor(path).to_float64(), np.arange(12.0).reshape(3, 4))
 
 
-def _by_zipfile(fh) -> dict:
-    return {info.filename: info for info in zipfile.ZipFile(fh).infolist()}
+def _by_zipfile(fh: pth_zip._Bytes) -> dict:
+    return {info.filename: info for info in zipfile.ZipFile(fh.map).infolist()}
 
 
 def _directory(path: Path, parse=pth_zip._central_directory) -> dict | None:
     """The zip's members as ``parse`` finds them (None: it gave up), with what the reader uses of each."""
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as fh:
-        found = parse(fh)
+        found = parse(pth_zip._Bytes(f.fileno(), fh))
     return None if found is None else {name: (e.filename, e.header_offset, e.compress_type, e.compress_size,
                                               e.file_size) for name, e in found.items()}
 
@@ -329,6 +330,133 @@ def test_an_odd_zip_is_left_to_zipfile(tmp_path, monkeypatch, kind):
     assert _directory(path) is None
     result = _assert_read_as_through_zipfile(path.read_bytes(), tmp_path, monkeypatch)
     assert outcome is ... or result == outcome
+
+
+#: dtypes of the few-MB tensors below: the parse reads their zip and pickle with pread, the tensor is a map view
+BIG_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.uint8, torch.int32,
+              torch.int64, torch.bool]
+BIG_LAYOUTS = {"contiguous": lambda t: t, "transposed": lambda t: t.t(), "with an offset": lambda t: t[3:]}
+
+
+def _big(dtype: torch.dtype, nbytes: int = 3 << 20) -> torch.Tensor:
+    """A ``(rows, 256)`` tensor of about ``nbytes``: the zip's start and end lie pages apart."""
+    n = nbytes // dtype.itemsize // 256 * 256
+    g = torch.Generator().manual_seed(n)
+    if dtype.is_floating_point:
+        t = (torch.randn(n, generator=g) * 100).to(dtype)
+    elif dtype == torch.bool:
+        t = torch.randint(0, 2, (n,), generator=g).bool()
+    else:
+        info = torch.iinfo(dtype)
+        t = torch.randint(max(info.min, -(1 << 62)), min(info.max, 1 << 62), (n,), generator=g, dtype=torch.int64)
+        t = t.to(dtype)
+    return t.reshape(-1, 256)
+
+
+def _assert_reads_as_torch_loads(path: Path) -> None:
+    """read_plain_tensor gives torch.load's values and shape, and (if it says so) they lie at ``offset`` in the file."""
+    loaded = torch.load(path, weights_only=True)
+    expected = (loaded.view(torch.uint16) if loaded.dtype == torch.bfloat16 else loaded).numpy()
+    raw = read_plain_tensor(path)
+    assert raw is not None
+    assert (raw.shape, raw.data.dtype) == (expected.shape, expected.dtype)
+    np.testing.assert_array_equal(raw.data.reshape(raw.shape), expected)  # contiguous: kept flat
+    assert (raw.offset is None) == (not expected.flags.c_contiguous)
+    if raw.offset is not None:
+        with open(path, "rb") as f:
+            assert os.pread(f.fileno(), expected.nbytes, raw.offset) == expected.tobytes()
+
+
+@pytest.mark.parametrize("layout", BIG_LAYOUTS)
+@pytest.mark.parametrize("dtype", BIG_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_a_tensor_of_a_few_mb_reads_as_torch_loads_it(tmp_path, dtype, layout):
+    path = tmp_path / "output_0.pth"
+    torch.save(BIG_LAYOUTS[layout](_big(dtype)), path)
+    assert path.stat().st_size > 2 << 20
+    _assert_reads_as_torch_loads(path)
+
+
+def _save_with_a_long_storage_key(tensor: torch.Tensor, path: Path, key_len: int = 9000) -> None:
+    """``tensor`` as torch's own zip writer lays it out (ZIP64 end records, aligned members), its storage named by a
+    ``key_len``-character key: data.pkl and the directory entry of data/<key> each hold the key."""
+    src = path.with_suffix(".src")
+    torch.save(tensor, src)
+    with zipfile.ZipFile(src) as z:
+        records = {info.filename.split("/", 1)[1]: z.read(info) for info in z.infolist()}
+    key, short = "k" * key_len, b"X\x01\x00\x00\x000"  # BINUNICODE '0': the storage key in torch's pickle
+    assert records["data.pkl"].count(short) == 1
+    records["data.pkl"] = records["data.pkl"].replace(short, b"X" + struct.pack("<L", len(key)) + key.encode())
+    records["data/" + key] = records.pop("data/0")
+    writer = torch._C.PyTorchFileWriter(str(path))
+    for name, data in records.items():
+        if name not in ("version", ".data/serialization_id"):  # written by write_end_of_file
+            writer.write_record(name, data, len(data))
+    writer.write_end_of_file()
+    del writer
+
+
+def test_a_pickle_and_directory_across_the_read_windows_read_as_torch_loads_them(tmp_path):
+    """data.pkl runs past the first _WINDOW bytes, the directory starts before the last ones, the storage's local
+    header lies in neither: each read of a range across a window's edge or outside both gets the file's bytes."""
+    path = tmp_path / "long_key.pth"
+    _save_with_a_long_storage_key(_big(torch.float32), path)
+    size, window = path.stat().st_size, pth_zip._WINDOW
+    with zipfile.ZipFile(path) as z:
+        infos = {info.filename.split("/", 1)[1]: info for info in z.infolist()}
+        pkl, storage = infos["data.pkl"], infos["data/" + "k" * 9000]
+        assert pkl.header_offset < window < pkl.header_offset + 30 + len(pkl.filename) + pkl.file_size
+        assert z.start_dir < size - window < size - 98  # the directory's start and its end records
+        assert window < storage.header_offset < size - window
+    _assert_reads_as_torch_loads(path)
+
+
+@pytest.mark.parametrize("window", [1, 7, 64, 100, 1000, 4096, 1 << 20])
+def test_any_read_window_gives_the_same_tensor(tmp_path, monkeypatch, window):
+    """Smaller windows cut data.pkl, the directory, the end records and the local headers anywhere; larger ones
+    read the whole file at once."""
+    monkeypatch.setattr(pth_zip, "_WINDOW", window)
+    torch.save(_big(torch.float16).t(), tmp_path / "output.pth")
+    _save_with_a_long_storage_key(_big(torch.int32)[5:], tmp_path / "long_key.pth")
+    torch.save(torch.arange(5.0), tmp_path / "small.pth")
+    for name in ("output.pth", "long_key.pth", "small.pth"):
+        _assert_reads_as_torch_loads(tmp_path / name)
+
+
+class _NoMap:
+    """Stands for a file's map in :class:`pth_zip._Bytes`: the file's length, and nothing to read."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def test_the_parse_reads_the_file_with_pread_not_through_its_map(tmp_path):
+    """A first touch of a mapped page is a page fault: the zip and pickle are read with pread, only the tensor is
+    a view of the map."""
+    torch.save(_big(torch.float32), tmp_path / "output.pth")
+    _save_with_a_long_storage_key(_big(torch.float32), tmp_path / "long_key.pth")
+    for path in (tmp_path / "output.pth", tmp_path / "long_key.pth"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as fh:
+                view = pth_zip._read(pth_zip._Bytes(fd, fh), path)
+            assert view is not None
+            assert pth_zip._read(pth_zip._Bytes(fd, _NoMap(os.fstat(fd).st_size)), path) == view
+        finally:
+            os.close(fd)
+
+
+def test_a_file_read_again_is_not_parsed_again(tmp_path, monkeypatch):
+    path = tmp_path / "output.pth"
+    torch.save(_big(torch.float32), path)
+    first = read_plain_tensor(path)
+    monkeypatch.setattr(pth_zip, "_Bytes", lambda *args: pytest.fail("read again"))
+    monkeypatch.setattr(pth_zip, "_read", lambda *args: pytest.fail("parsed again"))
+    again = read_plain_tensor(path)
+    assert (again.shape, again.offset) == (first.shape, first.offset)
+    np.testing.assert_array_equal(again.data, first.data)
 
 
 def test_compare_of_a_plain_dump_never_imports_torch(tmp_path):

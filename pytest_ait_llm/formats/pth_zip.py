@@ -106,14 +106,14 @@ def read_plain_tensor(path: Path) -> RawTensor | None:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             return None
-        # One read-only map of the whole file: its zip directory is parsed without a syscall per seek and read, the
-        # tensor is a view into it (pages are read when used). What the zip and pickle said is kept per file
+        # One read-only map of the whole file: the tensor is a view into it (pages are read when used). Its zip
+        # directory and pickle are read with pread (_Bytes), not through the map. What they said is kept per file
         # version (formats/parsed.py): a file opened again is only mapped.
         key = parsed.file_key(path, st)
         fh = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         view = parsed.get(key)
         if view is None:
-            view = _read(fh, path)
+            view = _read(_Bytes(fd, fh), path)
             if view is None:
                 return None
             parsed.put(key, view)
@@ -129,13 +129,68 @@ def read_plain_tensor(path: Path) -> RawTensor | None:
 #: Where a plain tensor's values lie in its file: enough to map it again without parsing anything.
 _View = namedtuple("_View", "dtype shape start count strides")
 
+#: What :class:`_Bytes` reads at once: the first and the last bytes of a file, and at least this many on a miss.
+_WINDOW = 8192
 
-def _read(fh: mmap.mmap, path: Path) -> _View | None:
+
+class _Bytes:
+    """A file's bytes as its parse reads them: with ``os.pread`` on its descriptor, not through its map.
+
+    A first touch of a mapped page is a page fault (~10-17 us), and a parse touches 3+ scattered pages; a pread of a
+    few KB costs ~2 us. torch.save keeps data.pkl and the small members at the start of the file, and its directory,
+    end records and usually ``version`` at the end: the first and last ``_WINDOW`` bytes are read at once, any other
+    range with one more pread (of at least ``_WINDOW`` bytes, kept: the next read is likely nearby). Sliced and
+    unpacked as the map would be: same length, bytes and errors (a negative or out-of-range offset is handed to the
+    map itself, where struct raises or counts from the end as it does on the map)."""
+    __slots__ = ("fd", "map", "size", "windows")
+
+    def __init__(self, fd: int, fh: mmap.mmap):
+        self.fd, self.map, self.size = fd, fh, len(fh)
+        self.windows: list[tuple[int, int, bytes]] = []  # (start, end, the file's bytes from start to end)
+        if self.size <= 2 * _WINDOW:
+            self._pread(0, self.size)
+        else:
+            self._pread(0, _WINDOW)
+            self._pread(self.size - _WINDOW, _WINDOW)
+
+    def _pread(self, start: int, n: int) -> bytes:
+        data = os.pread(self.fd, n, start)  # short if the file shrank since it was mapped
+        self.windows.append((start, start + len(data), data))
+        return data
+
+    def __len__(self) -> int:
+        return self.size
+
+    def window(self, start: int, n: int) -> tuple[bytes, int]:
+        """Bytes holding the file's ``[start, start + n)`` (within its length), and where in them it begins."""
+        for at, end, data in self.windows:
+            if at <= start and start + n <= end:
+                return data, start - at
+        if len(self._pread(start, max(n, _WINDOW))) < n:  # the file shrank (the map would raise SIGBUS there)
+            raise OSError("the file is shorter than mapped")
+        return self.windows[-1][2], 0
+
+    def __getitem__(self, key: slice) -> bytes:
+        start, stop, step = key.indices(self.size)
+        if step != 1:
+            return self.map[key]
+        if stop <= start:
+            return b""
+        data, at = self.window(start, stop - start)
+        return data[at:at + stop - start]
+
+    def unpack_from(self, layout: struct.Struct, offset: int) -> tuple:
+        if offset < 0 or offset + layout.size > self.size:
+            return layout.unpack_from(self.map, offset)
+        return layout.unpack_from(*self.window(offset, layout.size))
+
+
+def _read(fh: _Bytes, path: Path) -> _View | None:
     if fh[:4] != b"PK\x03\x04":
         return None
     members = _central_directory(fh)
-    if members is None:  # not laid out as torch.save writes: zipfile reads it, and raises what it raises
-        members = {info.filename: info for info in zipfile.ZipFile(fh).infolist()}
+    if members is None:  # not laid out as torch.save writes: zipfile reads the map, and raises what it raises
+        members = {info.filename: info for info in zipfile.ZipFile(fh.map).infolist()}
     pkl = [name for name in members if name.endswith("/data.pkl") and name.count("/") == 1]
     if len(pkl) != 1:
         return None
@@ -166,11 +221,13 @@ _EOCD64 = struct.Struct("<4sQ4x2L4Q")
 #: Central directory entry, unused fields skipped: signature, version needed, flags, method, compressed size, size,
 #: name length, then the extra and comment lengths and the disk (6 bytes, all zero in torch's), local header offset.
 _CENTRAL = struct.Struct("<4s2xBxHH8x2LH6s6xL")
+#: Local file header, as far as its name and extra lengths: signature, 22 bytes, name length, extra length.
+_LOCAL = struct.Struct("<4s22xHH")
 _UTF8_NAMES = 0x800
 _OTHER_FLAGS = 0xFFFF & ~(_UTF8_NAMES | 0x8)  # torch.save sets only UTF-8 names and data descriptors (bit 3)
 
 
-def _central_directory(fh: mmap.mmap) -> dict[str, _Entry] | None:
+def _central_directory(fh: _Bytes) -> dict[str, _Entry] | None:
     """The zip's members by name if it ends as torch.save writes it, else None (and zipfile reads it).
 
     ``zipfile.ZipFile(fh).infolist()`` spends most of its time building a ZipInfo per member. This reads only
@@ -181,7 +238,7 @@ def _central_directory(fh: mmap.mmap) -> dict[str, _Entry] | None:
     eocd = len(fh) - _EOCD.size
     if eocd < 0:
         return None
-    sig, disk, cd_disk, count_here, count, cd_size, cd_offset, comment_len = _EOCD.unpack_from(fh, eocd)
+    sig, disk, cd_disk, count_here, count, cd_size, cd_offset, comment_len = fh.unpack_from(_EOCD, eocd)
     if sig != b"PK\x05\x06" or disk or cd_disk or comment_len or count_here != count:
         return None
     end = eocd  # where the central directory must end
@@ -191,8 +248,8 @@ def _central_directory(fh: mmap.mmap) -> dict[str, _Entry] | None:
         end = locator - _EOCD64.size
         if end < 0:
             return None
-        _, record_disk, record_offset, disks = _EOCD64_LOCATOR.unpack_from(fh, locator)
-        sig, record_size, disk, cd_disk, count_here, count64, cd_size64, cd_offset64 = _EOCD64.unpack_from(fh, end)
+        _, record_disk, record_offset, disks = fh.unpack_from(_EOCD64_LOCATOR, locator)
+        sig, record_size, disk, cd_disk, count_here, count64, cd_size64, cd_offset64 = fh.unpack_from(_EOCD64, end)
         if (sig != b"PK\x06\x06" or record_offset != end or record_disk or disks != 1 or disk or cd_disk
                 or record_size != _EOCD64.size - 12 or count_here != count64 or count not in (count64, 0xFFFF)
                 or cd_size not in (cd_size64, 0xFFFFFFFF) or cd_offset not in (cd_offset64, 0xFFFFFFFF)):
@@ -201,36 +258,40 @@ def _central_directory(fh: mmap.mmap) -> dict[str, _Entry] | None:
     if cd_offset + cd_size != end:  # also: nothing prepended to the zip (zipfile would shift every offset)
         return None
     members: dict[str, _Entry] = {}
-    pos = cd_offset
+    # The whole directory in one read (as zipfile reads it), walked in ``directory`` from ``pos`` up to ``stop``
+    directory, pos = fh.window(cd_offset, cd_size)
+    stop = pos + cd_size
     try:
         for _ in range(count):
-            if pos + _CENTRAL.size > end:
+            if pos + _CENTRAL.size > stop:
                 return None
-            sig, needs, flags, method, compress_size, file_size, name_len, zeros, offset = _CENTRAL.unpack_from(fh, pos)
+            sig, needs, flags, method, compress_size, file_size, name_len, zeros, offset = \
+                _CENTRAL.unpack_from(directory, pos)
             start = pos + _CENTRAL.size
             pos = start + name_len
             # all-ones sizes or offset need the ZIP64 extra field; zipfile refuses versions above 6.3
-            if (sig != b"PK\x01\x02" or flags & _OTHER_FLAGS or zeros != b"\0\0\0\0\0\0" or needs > 63 or pos > end
+            if (sig != b"PK\x01\x02" or flags & _OTHER_FLAGS or zeros != b"\0\0\0\0\0\0" or needs > 63 or pos > stop
                     or offset + 30 + name_len + compress_size > cd_offset
                     or 0xFFFFFFFF in (compress_size, file_size, offset)):
                 return None
-            name = fh[start:pos].decode("utf-8" if flags & _UTF8_NAMES else "ascii")  # zipfile: cp437, same on ASCII
+            # zipfile decodes a name without the UTF-8 flag as cp437: the same on ASCII
+            name = directory[start:pos].decode("utf-8" if flags & _UTF8_NAMES else "ascii")
             if "\0" in name or "\\" in name or name in members:  # a name zipfile would cut or rewrite; a duplicate
                 return None
             members[name] = _Entry(name, offset, method, compress_size, file_size)
     except UnicodeDecodeError:
         return None
-    return members if pos == end else None
+    return members if pos == stop else None
 
 
-def _member(fh: mmap.mmap, info: _Entry | zipfile.ZipInfo, limit: int) -> tuple[int, bytes]:
+def _member(fh: _Bytes, info: _Entry | zipfile.ZipInfo, limit: int) -> tuple[int, bytes]:
     """(offset of the member's bytes in the file, the bytes if no more than ``limit``); stored members only.
 
     The local header's own name and extra lengths say where the bytes start (they may differ from the central
     directory's)."""
     if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
         raise ValueError("compressed member")
-    sig, name_len, extra_len = struct.unpack_from("<4s22xHH", fh, info.header_offset)
+    sig, name_len, extra_len = fh.unpack_from(_LOCAL, info.header_offset)
     if sig != b"PK\x03\x04":
         raise ValueError("bad local header")
     offset = info.header_offset + 30 + name_len + extra_len
@@ -239,7 +300,7 @@ def _member(fh: mmap.mmap, info: _Entry | zipfile.ZipInfo, limit: int) -> tuple[
     return offset, fh[offset:offset + info.file_size] if info.file_size <= limit else b""
 
 
-def _map(fh: mmap.mmap, path: Path, tensor: _Tensor, info: _Entry | zipfile.ZipInfo) -> _View | None:
+def _map(fh: _Bytes, path: Path, tensor: _Tensor, info: _Entry | zipfile.ZipInfo) -> _View | None:
     size, stride, offset = tensor.size, tensor.stride, tensor.offset
     if not (type(size) is tuple and type(stride) is tuple and len(size) == len(stride) and _is_count(offset)
             and all(map(_is_count, size + stride))):
