@@ -189,7 +189,7 @@ def sample_digest(t, *, from_file: bool = False) -> bytes:
     compared in full).
 
     ``from_file``: read the sample with pread() where the tensor lies contiguously in its file, for a tensor whose
-    pages were not read yet: mapping 18 scattered pages costs ~300 us on this VM, 18 preads ~30 us. The digest is
+    pages were not read yet: mapping 18 scattered pages cost ~300 us on this VM, 18 preads ~60 us. The digest is
     the same either way.
     """
     flat = np.asarray(t.data).reshape(-1)[:t.numel]  # a plain view: memmap slicing is slow
