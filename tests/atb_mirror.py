@@ -170,3 +170,20 @@ def report_text(result) -> str:
 
     frame = dataframe(result)
     return frame.drop(columns=[c for c in frame.columns if "path" in c]).to_csv(index=False)
+
+
+def rewritten_copy(my: Path, dest: Path, file_name: str, change) -> Path:
+    """Copy the mirror dump ``my`` to ``dest`` and rewrite one file of layer 1's first LinearOperation (the q_proj):
+    ``file_name`` ("intensor0.bin" in ``before/``, "outtensor0.bin" in ``after/``) gets ``change(values)``, float32
+    values in the file's shape, stored as bf16. Returns the rewritten file."""
+    import shutil
+
+    from pytest_ait_llm.formats.atb_bin import read_bin, write_bin
+
+    shutil.copytree(my, dest)
+    folder = "before" if file_name.startswith("in") else "after"
+    target = next(p for p in sorted(Path(dest).rglob(file_name))
+                  if "LinearOperation" in str(p) and "1_" in p.parts[-4] and p.parent.name == folder)
+    values = read_bin(target).to_float64().astype("float32")
+    write_bin(target, change(values), dtype="bfloat16")
+    return target

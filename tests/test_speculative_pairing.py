@@ -3,15 +3,11 @@ the shapes the workers open anyway: the report must be the one reading every hea
 guess is wrong (the run is then redone reading first)."""
 from __future__ import annotations
 
-import shutil
-
-import numpy as np
 import pytest
 
-from atb_mirror import mirror_pair, report_text
+from atb_mirror import mirror_pair, report_text, rewritten_copy
 from pytest_ait_llm.api import run_compare
 from pytest_ait_llm.compare import engine as engine_mod
-from pytest_ait_llm.formats.atb_bin import read_bin, write_bin
 
 
 @pytest.fixture(scope="module")
@@ -64,12 +60,7 @@ def test_a_wrong_guess_is_redone_and_reports_the_exact_pairing(dumps, tmp_path, 
     """A layer-1 Linear whose output has another shape than its module's: the guess that it fits is wrong."""
     golden, my = dumps
     mine = tmp_path / "my"
-    shutil.copytree(my, mine)
-    target = next(p for p in sorted(mine.rglob("outtensor0.bin"))
-                  if "LinearOperation" in str(p) and "1_" in p.parts[-4] and "after" in str(p))
-    t = read_bin(target)
-    halved = t.to_float64().reshape(-1)[: t.numel // 2].astype(np.float32)
-    write_bin(target, halved.reshape(*t.shape[:-1], t.shape[-1] // 2), dtype="bfloat16")
+    target = rewritten_copy(my, mine, "outtensor0.bin", lambda values: values[..., : values.shape[-1] // 2])
     monkeypatch.setenv("AIT_LLM_EXECUTOR", "serial")
     seen = _count_runs_and_early_reads(monkeypatch)
     guessed = run_compare(golden, mine, output_dir=tmp_path / "guessed")
