@@ -33,6 +33,7 @@ enum {
     S_SHIFT_G, S_SUM_G, S_T, S_SHIFT_M, S_SUM_M, S_FINITE,
     S_G_NAN, S_G_INF, S_G_FIN, S_G_SUM, S_G_MIN, S_G_MAX,
     S_M_NAN, S_M_INF, S_M_FIN, S_M_SUM, S_M_MIN, S_M_MAX,
+    S_KL_TOP, S_KL_CENTRE, /* the largest golden value the KL has seen, and m - g there (kl_near_f32's centre) */
     S_SIZE
 };
 

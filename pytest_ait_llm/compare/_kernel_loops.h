@@ -235,8 +235,8 @@ static inline __attribute__((always_inline)) void ISA(split)(vf2 x, vd *lo, vd *
     *hi = VWIDEN(b);
 }
 
-/* The near regime's KL sums from the float32 copies of a block, against a centre c (an estimate of the mean of
- * m - g under exp(g)): Σexp(g - shift), Σexp(g - shift)·u and Σexp(g - shift)·q(u) with u = m - g - c and
+/* The near regime's KL sums from the float32 copies of a block, against a centre c (m - g where golden is
+ * largest, see full_pass): Σexp(g - shift), Σexp(g - shift)·u and Σexp(g - shift)·q(u) with u = m - g - c and
  * q(u) = exp(u) - 1 - u = u^2 (1/2 + u/6 + ...) to the given degree; exp() and the products in float32, the sums
  * in float64. */
 static inline __attribute__((always_inline)) void ISA(kl_near_f32)(vd *sg, vd *su, vd *sq, const float *gf,
@@ -407,11 +407,17 @@ static void ISA(full_pass)(const char *g, int gk, const char *m, int mk, Py_ssiz
         /* float32 KL terms where exp(g - shift) is a normal float32 (the range of ISA(vexpf)) */
         int near32 = f32 && bg.min - st[S_SHIFT_G] >= -87.0 && bg.max - st[S_SHIFT_G] <= 88.0 &&
                      (float)st[S_SHIFT_G] == st[S_SHIFT_G];
-        /* the centre: the weighted mean of m - g so far (0 at first), which keeps the float32 rounding of the
-         * KL terms relative to the spread of m - g, not to its mean */
-        float center = st[S_SUM_G] > 0 ? (float)(-st[S_T] / st[S_SUM_G]) : 0.0f;
+        /* the centre of the float32 KL terms: m - g where golden is largest so far, the heaviest weight of the
+         * softmax, so that float32 rounding scales with how m - g varies where the weight is, not with its mean
+         * (a scan of the block only when it holds a new largest value: a few times per tensor) */
+        if (near32 && bg.max > st[S_KL_TOP]) {
+            Py_ssize_t j = 0;
+            while (j < k && gb[j] != bg.max) j++;
+            st[S_KL_TOP] = bg.max;
+            st[S_KL_CENTRE] = j < k ? mb[j] - gb[j] : 0.0;
+        }
         BlockMetrics r = ISA(block_metrics)(gb, mb, near32 ? gfb : NULL, near32 ? mfb : NULL, k, st[S_SHIFT_G],
-                                            st[S_SHIFT_M], isfinite(center) ? center : 0.0f, fast);
+                                            st[S_SHIFT_M], (float)st[S_KL_CENTRE], fast);
         st[S_N] += (double)k;
         st[S_GM] += r.gm; st[S_GG] += r.gg; st[S_MM] += r.mm; st[S_DD] += r.dd;
         st[S_ABS_SUM] += r.abs_sum; st[S_REL_SUM] += r.rel_sum;

@@ -28,8 +28,8 @@ _KINDS = {"float32": (0, ("float32",)), "float64": (1, ("float64",)), "bfloat16"
 
 #: State slots (the S_* enum of _kernel.c).
 (N, GM, GG, MM, DD, ABS_SUM, ABS_MAX, REL_SUM, REL_MAX, SHIFT_G, SUM_G, T, SHIFT_M, SUM_M, FINITE,
- G_STATS, M_STATS) = (*range(15), 15, 21)
-STATE_SIZE = 27
+ G_STATS, M_STATS, KL_TOP, KL_CENTRE) = (*range(15), 15, 21, 27, 28)
+STATE_SIZE = 29
 #: Per side, 6 slots from G_STATS / M_STATS: NaN count, inf count, finite count, finite sum, min, max.
 NAN, INF, FIN, SUM, MIN, MAX = range(6)
 
@@ -66,6 +66,7 @@ def new_state() -> np.ndarray:
     state = np.zeros(STATE_SIZE, np.float64)
     state[[SHIFT_G, SHIFT_M]] = -np.inf
     state[FINITE] = 1.0
+    state[KL_TOP] = -np.inf
     for base in (G_STATS, M_STATS):
         state[base + MIN], state[base + MAX] = np.inf, -np.inf
     return state
