@@ -194,13 +194,16 @@ def read_bin_header(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BIN
         os.close(fd)
 
 
-def _cached_header(p: Path, fd: int, size: int) -> BinHeader:
-    """:func:`_header_from`, parsed once per file version (see formats/parsed.py); a copy, so callers may keep it."""
+def _cached_header(p: Path, fd: int, size: int, *, copy: bool = True) -> BinHeader:
+    """:func:`_header_from`, parsed once per file version (see formats/parsed.py); a copy, so callers may keep it
+    (``copy=False``: the cached one, for a caller that only reads it)."""
     key = parsed.file_key(p, os.fstat(fd))
     header = parsed.get(key)
     if header is None:
         header = _header_from(p, fd, size)
         parsed.put(key, header)
+    if not copy:
+        return header
     return dataclasses.replace(header, stats=dict(header.stats) if header.stats else header.stats,
                                extra=dict(header.extra))
 
@@ -304,7 +307,7 @@ def read_bin(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BIN_BYTES,
     p = Path(path)
     fd, size = _open_regular_file(p, max_bytes, allow_symlinks)
     try:
-        header = _cached_header(p, fd, size)
+        header = _cached_header(p, fd, size, copy=False)  # only read here
         if header.is_stats_only:
             raise FormatError(f"{header.path}: stats-only .bin (no tensor payload)")
         acl = header.acl_dtype

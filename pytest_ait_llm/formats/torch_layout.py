@@ -322,12 +322,13 @@ def load_torch_tensor(path: str | Path, *, allow_symlinks: bool | None = None) -
     why = outside_dump_root(path, allow_symlinks=allow_symlinks)
     if why:
         raise FormatError(f"{path}: {why}")
+    if path.suffix != ".npy":
+        raw = read_plain_tensor(path)  # checks the file it opened is a regular one (FIFOs are opened non-blocking)
+        if raw is not None:
+            return raw
     _check_regular(path)
     if path.suffix == ".npy":
         return _load_npy(path)
-    raw = read_plain_tensor(path)
-    if raw is not None:
-        return raw
     import pickle
 
     import torch
