@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import AitLlmError
 from ..formats.atb_bin import read_bin, read_bin_header
+from ..formats.atomic import as_path
 from ..formats.dtypes import ACL_DTYPES
 from ..formats.atb_layout import AtbDump, AtbRank, open_atb_dump, op_files
 from ..formats.torch_layout import TorchDump, load_torch_tensor, open_torch_dump
@@ -39,7 +40,7 @@ class ReadOptions:
 
     def load(self, path: Path):
         """A RawTensor from an ATB .bin or a torch .pth/.pt/.npy file."""
-        path = Path(path)
+        path = as_path(path)
         if path.suffix == ".bin":
             if self.max_bin_bytes is None:
                 return read_bin(path, allow_symlinks=self.allow_symlinks)
@@ -49,7 +50,7 @@ class ReadOptions:
     def meta(self, path: Path) -> tuple[tuple[int, ...], str] | None:
         """(shape, logical dtype) of a dumped tensor without reading its payload; None when it cannot be read."""
         try:
-            if Path(path).suffix == ".bin":
+            if as_path(path).suffix == ".bin":
                 kwargs = {} if self.max_bin_bytes is None else {"max_bytes": self.max_bin_bytes}
                 header = read_bin_header(path, allow_symlinks=self.allow_symlinks, **kwargs)
                 dtype = ACL_DTYPES.get(header.dtype_code)

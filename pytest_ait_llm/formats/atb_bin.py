@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import FormatError
 from . import parsed
-from .atomic import atomic_write_bytes, open_regular
+from .atomic import as_path, atomic_write_bytes, open_regular
 from .dtypes import ACL_DTYPES, BY_NAME, KNOWN_UNSUPPORTED, AclDtype, by_name
 from .tensor import RawTensor
 
@@ -186,7 +186,7 @@ def read_bin_header(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BIN
     Nothing is allocated from the header's claims: a file claiming 10^12 elements is refused by arithmetic.
     A symlink out of the dump root is refused unless ``allow_symlinks`` (default: ``AIT_LLM_ALLOW_SYMLINKS``).
     """
-    p = Path(path)
+    p = as_path(path)
     fd, size = _open_regular_file(p, max_bytes, allow_symlinks)
     try:
         return _cached_header(p, fd, size)
@@ -304,7 +304,7 @@ def read_bin(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BIN_BYTES,
     The returned ``RawTensor.data`` is shaped ``dims``; nothing is read until it is used. Empty tensors (a 0 in
     dims) are valid and come back as an empty array.
     """
-    p = Path(path)
+    p = as_path(path)
     fd, size = _open_regular_file(p, max_bytes, allow_symlinks)
     try:
         header = _cached_header(p, fd, size, copy=False)  # only read here

@@ -102,6 +102,12 @@ def _is_dump_root(folder: Path) -> bool:
         return False
 
 
+def as_path(path: str | os.PathLike) -> Path:
+    """``path`` as a Path, without building a new one when it is one (each Path() parses every component again;
+    a comparison opens thousands of files through several layers)."""
+    return path if isinstance(path, Path) else Path(path)
+
+
 @functools.lru_cache(maxsize=4096)
 def _real_folder(folder: str) -> str:
     """realpath() of a folder, remembered: a folder replaced by a symlink after it was first seen in this process
@@ -153,7 +159,7 @@ def open_regular(path: str | os.PathLike, max_bytes: int, *, what: str = "file",
     cannot block us. ``raise_hint`` tells how to raise the limit. The caller closes the fd.
     """
     err = error or FormatError
-    p = Path(path)
+    p = as_path(path)
     why = outside_dump_root(p, allow_symlinks=allow_symlinks)
     if why:
         raise err(f"{p}: {why}")

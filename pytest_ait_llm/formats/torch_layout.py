@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import FormatError, LayoutError
-from .atomic import max_json_bytes, outside_dump_root, read_bounded
+from .atomic import as_path, max_json_bytes, outside_dump_root, read_bounded
 from .files import OpFiles
 from .pth_zip import read_plain_tensor
 from .tensor import RawTensor
@@ -318,7 +318,7 @@ def load_torch_tensor(path: str | Path, *, allow_symlinks: bool | None = None) -
     bf16 comes back as uint16 bit patterns with ``dtype="bfloat16"``. A symlink out of the dump root is refused
     unless ``allow_symlinks`` (default: the AIT_LLM_ALLOW_SYMLINKS environment variable).
     """
-    path = Path(path)
+    path = as_path(path)
     why = outside_dump_root(path, allow_symlinks=allow_symlinks)
     if why:
         raise FormatError(f"{path}: {why}")
