@@ -245,19 +245,14 @@ class _Scope:
 
     def _align(self, atb: list[AtbOp], mods: list[TorchModule], rule: MappingRule) -> None:
         cache: dict[tuple[int, int], bool] = {}
+        # one-to-one candidates may be guessed; where the lists differ in length, which pairs fit decides the
+        # alignment, so the answer must be exact
+        compatible = self.compatible if len(atb) == len(mods) else getattr(self.compatible, "exact", self.compatible)
 
         def ok(i: int, j: int) -> bool:
             if (i, j) not in cache:
-                cache[(i, j)] = self.compatible(self.make_pair(atb[i], mods[j], rule)) is not False
+                cache[(i, j)] = compatible(self.make_pair(atb[i], mods[j], rule)) is not False
             return cache[(i, j)]
-
-        if len(atb) != len(mods):  # which pairs fit decides the alignment: no guessing
-            exact = getattr(self.compatible, "exact", self.compatible)
-
-            def ok(i: int, j: int) -> bool:  # noqa: F811 - the same question, answered exactly
-                if (i, j) not in cache:
-                    cache[(i, j)] = exact(self.make_pair(atb[i], mods[j], rule)) is not False
-                return cache[(i, j)]
 
         pairs, amb_a, amb_t = align(len(atb), len(mods), ok)
         for i, j in pairs:
