@@ -4,7 +4,6 @@ Comparing never knows how the dumps were made; it asks formats/ for tensors and 
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 import os
@@ -46,6 +45,13 @@ class ReadOptions:
                 return read_bin(path, allow_symlinks=self.allow_symlinks)
             return read_bin(path, max_bytes=self.max_bin_bytes, allow_symlinks=self.allow_symlinks)
         return load_torch_tensor(path, allow_symlinks=self.allow_symlinks)
+
+    def try_load(self, path: Path):
+        """:meth:`load`, or None when the file cannot be read (the pair that needs it reports why)."""
+        try:
+            return self.load(path)
+        except (AitLlmError, OSError):
+            return None
 
     def meta(self, path: Path) -> tuple[tuple[int, ...], str] | None:
         """(shape, logical dtype) of a dumped tensor without reading its payload; None when it cannot be read."""
@@ -142,13 +148,13 @@ def _input_tensors(golden_inputs: Sequence[Path], my_inputs: Sequence[Path], nam
     mine = []
     for f in my_inputs:
         name = _tensor_name(f, names)
-        t = _try_load(opts, f) if not (name and is_weight(name)) else None
+        t = opts.try_load(f) if not (name and is_weight(name)) else None
         if t is not None and t.dtype in _FLOAT and math.prod(t.shape) > 1:
             mine.append((f, t, name))
     used: set[int] = set()
     out = []
     for g in _primary_inputs(list(golden_inputs)):
-        gt = _try_load(opts, g)
+        gt = opts.try_load(g)
         if gt is None or gt.dtype not in _FLOAT:
             continue
         for k, (m, mt, name) in enumerate(mine):
@@ -157,13 +163,6 @@ def _input_tensors(golden_inputs: Sequence[Path], my_inputs: Sequence[Path], nam
                 out.append((g, gt, m, mt, name))
                 break
     return out
-
-
-def _try_load(opts: ReadOptions, path: Path):
-    try:
-        return opts.load(path)
-    except (AitLlmError, OSError):
-        return None
 
 
 def _tensor_name(path: Path, names: Sequence[str]) -> str | None:
@@ -199,17 +198,23 @@ def sample_digest(t, *, from_file: bool = False) -> bytes:
     if n <= 2 * SAMPLE_ENDS + SAMPLE_WINDOWS * SAMPLE_RUN:
         h.update(flat.tobytes())
     elif not (from_file and t.offset is not None and t.path is not None and _digest_from_file(h, t, n)):
-        for spot in _sample_spots(n):
-            h.update(flat[spot].tobytes())
+        for start, count in _sample_runs(n):
+            h.update(flat[start:start + count].tobytes())
     return h.digest()
 
 
-def _digest_from_file(h, t, n: int) -> bool:
-    """Feed ``h`` the sample of :func:`_sample_spots`, in its order, read from the file; False if it cannot be."""
-    item = np.dtype(t.data.dtype).itemsize
+def _sample_runs(n: int) -> list[tuple[int, int]]:
+    """(first element, count) of each run of the sample, in the order it is hashed: the first and last
+    SAMPLE_ENDS elements, then SAMPLE_WINDOWS runs of SAMPLE_RUN spread evenly between them."""
     step = (n - 2 * SAMPLE_ENDS) // SAMPLE_WINDOWS
-    runs = [(0, SAMPLE_ENDS), (n - SAMPLE_ENDS, SAMPLE_ENDS)]
-    runs += [(SAMPLE_ENDS + step * k, SAMPLE_RUN) for k in range(SAMPLE_WINDOWS)]
+    return [(0, SAMPLE_ENDS), (n - SAMPLE_ENDS, SAMPLE_ENDS)] + [
+        (SAMPLE_ENDS + step * k, SAMPLE_RUN) for k in range(SAMPLE_WINDOWS)]
+
+
+def _digest_from_file(h, t, n: int) -> bool:
+    """Feed ``h`` the sample of :func:`_sample_runs`, in its order, read from the file; False if it cannot be."""
+    item = np.dtype(t.data.dtype).itemsize
+    runs = _sample_runs(n)
     parts = []
     try:
         fd = os.open(t.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
@@ -228,20 +233,6 @@ def _digest_from_file(h, t, n: int) -> bool:
     for part in parts:
         h.update(part)
     return True
-
-
-def same_tensor(a, b) -> bool:
-    """Whether two dumped tensors hold the same values, judged from a sample of their bytes (:func:`sample_digest`)."""
-    return sample_digest(a) == sample_digest(b)
-
-
-@functools.lru_cache(maxsize=256)
-def _sample_spots(n: int) -> tuple:
-    """The first and last SAMPLE_ENDS elements, and SAMPLE_WINDOWS runs between them gathered by one index."""
-    step = (n - 2 * SAMPLE_ENDS) // SAMPLE_WINDOWS
-    starts = SAMPLE_ENDS + step * np.arange(SAMPLE_WINDOWS)
-    windows = (starts[:, None] + np.arange(SAMPLE_RUN)).reshape(-1)
-    return slice(0, SAMPLE_ENDS), slice(n - SAMPLE_ENDS, n), windows
 
 
 # ------------------------------------------------------------------------------------------------------ the engine
@@ -534,7 +525,7 @@ def _producers(topology) -> dict[str, list[AtbOp]]:
 
 
 def _link_inputs(tasks: list[_Task], start: int, producers: dict[str, list[AtbOp]], token_dir: Path,
-                 files_of: Callable = op_files) -> None:
+                 files_of: Callable) -> None:
     """Set ``links`` of tasks[start:] (one token of one rank): for each input tensor name, a task that compares an
     output file of an op producing it, when there is one; that task is then ``sampled``."""
     by_my = {str(t.my): i for i, t in enumerate(tasks[start:], start) if t.my is not None}
