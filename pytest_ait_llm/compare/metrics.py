@@ -339,17 +339,7 @@ def _metric_values(n: float, gm: float, gg: float, mm: float, dd: float, abs_sum
     """The report's numbers from the sums of either pass (numpy or compiled): Σg·m, Σg², Σm², Σ(m-g)², the
     absolute/relative error sums and maxima, and the online log-sum-exp (shift, Σexp(x - shift)) of each side with
     t = Σexp(g - shift_g)·(g - m)."""
-    if golden_zero and my_zero:
-        cos = 1.0
-    elif golden_zero or my_zero:
-        cos = 0.0
-    else:
-        denom = _norm_product(gg, mm)
-        cos = min(1.0, max(-1.0, gm / denom)) if denom > 0 else math.nan
-    if gg <= EPS * EPS:
-        red = 0.0 if dd == 0 else math.inf
-    else:
-        red = math.sqrt(dd / gg)
+    cos, red = _cosine_and_red(gm, gg, mm, dd, golden_zero, my_zero)
     # KL(p_g || p_m) = sum p_g (g - m) + LSE(m) - LSE(g); the LSE difference is formed from the shifts and the
     # ratio of the scaled sums so that nearly equal tensors do not lose digits to cancellation.
     kl = t / sum_g + (shift_m - shift_g) + math.log(sum_m / sum_g)
@@ -550,13 +540,7 @@ def similarity(golden: RawTensor, my: RawTensor, *, chunk: int = DEFAULT_CHUNK) 
         gm, gg, mm, dd = _numpy_dots(golden, my, rule, chunk)
     if not all(math.isfinite(x) for x in (gm, gg, mm, dd)):
         return None
-    if gg == 0 and mm == 0:
-        cos = 1.0
-    elif gg == 0 or mm == 0:
-        cos = 0.0
-    else:
-        cos = min(1.0, max(-1.0, gm / _norm_product(gg, mm)))
-    red = (0.0 if dd == 0 else math.inf) if gg <= EPS * EPS else math.sqrt(dd / gg)
+    cos, red = _cosine_and_red(gm, gg, mm, dd, gg == 0, mm == 0)
     return {"cosine_similarity": cos, "relative_euclidean_distance": red}
 
 
@@ -576,6 +560,22 @@ def _numpy_dots(golden: RawTensor, my: RawTensor, rule: str, chunk: int) -> tupl
             mm += _dot(m, m)
             dd += _dot(diff, diff)
     return gm, gg, mm, dd
+
+
+def _cosine_and_red(gm: float, gg: float, mm: float, dd: float, golden_zero: bool,
+                    my_zero: bool) -> tuple[float, float]:
+    """Cosine similarity and relative euclidean distance from Σg·m, Σg², Σm², Σ(m-g)² (either pass, full or
+    light): two all-zero tensors are identical (1.0), one all-zero one orthogonal (0.0); a golden norm <= EPS
+    gives a distance of 0.0 if mine equals it, else inf."""
+    if golden_zero and my_zero:
+        cos = 1.0
+    elif golden_zero or my_zero:
+        cos = 0.0
+    else:
+        denom = _norm_product(gg, mm)
+        cos = min(1.0, max(-1.0, gm / denom)) if denom > 0 else math.nan
+    red = (0.0 if dd == 0 else math.inf) if gg <= EPS * EPS else math.sqrt(dd / gg)
+    return cos, red
 
 
 def _norm_product(gg: float, mm: float) -> float:
