@@ -18,6 +18,13 @@ port = sys.modules["llama_port_port"]  # port.py, imported under this name by co
 INJECTED = port.BUGS["rmsnorm_eps"]
 
 
+def failure_message(bug: str, torch_dump, ait_exec_run, compare_ops) -> str:
+    """Run the port with ``PORT_BUG=bug`` and return the message of the AssertionError compare_ops must raise."""
+    with pytest.raises(AssertionError) as failure:
+        compare_ops(torch_dump, ait_exec_run(env={"PORT_BUG": bug}))
+    return str(failure.value)
+
+
 # bf16 port vs float32 golden: cosine >= 0.999 and a relative euclidean distance of at most 2 % per op
 # (the dtype-aware defaults, written out here so the gate is visible in the test).
 @pytest.mark.ait_tolerance(cos=0.999, red=0.02)
@@ -38,10 +45,7 @@ def test_buggy_port(torch_dump, ait_exec_run, compare_ops):
 
 @pytest.mark.ait_tolerance(cos=0.999, red=0.02)
 def test_buggy_port_names_the_injected_op_first(torch_dump, ait_exec_run, compare_ops):
-    buggy = ait_exec_run(env={"PORT_BUG": "rmsnorm_eps"})
-    with pytest.raises(AssertionError) as failure:
-        compare_ops(torch_dump, buggy)
-    message = str(failure.value)
+    message = failure_message("rmsnorm_eps", torch_dump, ait_exec_run, compare_ops)
     first_line = message.strip().splitlines()[0]
     assert INJECTED.rel_dir in first_line, message
     assert INJECTED.torch_module in message, message
@@ -52,19 +56,14 @@ def test_buggy_port_names_the_injected_op_first(torch_dump, ait_exec_run, compar
 @pytest.mark.ait_tolerance(cos=0.999, red=0.02)
 def test_five_percent_scale_error_is_caught(torch_dump, ait_exec_run, compare_ops):
     """A 5 % scale error keeps the cosine at 1.0: the relative euclidean distance is what catches it."""
-    scaled = ait_exec_run(env={"PORT_BUG": "scale"})
-    with pytest.raises(AssertionError) as failure:
-        compare_ops(torch_dump, scaled)
-    first_line = str(failure.value).strip().splitlines()[0]
-    assert port.BUGS["scale"].rel_dir in first_line, str(failure.value)
+    message = failure_message("scale", torch_dump, ait_exec_run, compare_ops)
+    first_line = message.strip().splitlines()[0]
+    assert port.BUGS["scale"].rel_dir in first_line, message
 
 
 @pytest.mark.ait_tolerance(cos=0.999, red=0.02)
 def test_error_in_ops_without_a_torch_module_is_named(torch_dump, ait_exec_run, compare_ops):
     """RoPE has no HF module: the breach lands on the o_proj that consumes its result, naming the RoPE op."""
-    rope = ait_exec_run(env={"PORT_BUG": "rope_scaling"})
-    with pytest.raises(AssertionError) as failure:
-        compare_ops(torch_dump, rope)
-    message = str(failure.value)
+    message = failure_message("rope_scaling", torch_dump, ait_exec_run, compare_ops)
     assert message.strip().splitlines()[0].startswith("first divergent op: 1_LlamaLayer/6_LinearOperation"), message
     assert "1_LlamaLayer/4_RopeOperation" in message, message
