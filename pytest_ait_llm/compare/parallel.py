@@ -4,8 +4,8 @@ Forked processes by default. The compiled pass (compare/_kernel.c) releases the 
 pair (opening files, matching inputs, building the row) holds it: on the 2-core box two forked workers were
 1.4-1.7x faster than serial and 14-36 % faster than two threads (docs/performance.md). The workers are plain
 ``os.fork`` children that inherit the engine and the tasks (nothing is pickled on the way in, custom metrics
-included), take the next task from a counter in shared memory and send rows back through pipes; this starts in
-a few ms where a ``ProcessPoolExecutor`` took ~25 ms and a round trip per task.
+included), take the next task index from a shared pipe and send rows back through pipes of their own; this
+starts in a few ms where a ``ProcessPoolExecutor`` took ~25 ms and a round trip per task.
 
 Serial is used when forking cannot help or cannot work: one worker, a dump too small to repay the fork (under
 ``MIN_FORK_BYTES``), and platforms without a safe ``fork`` (only Linux forks here).
