@@ -330,9 +330,10 @@ class Engine:
         result is the one reading every header first gives."""
         seen = {}
         for task in tasks:
-            if task.pair is not None and task.row.data_id == 0 and task.row.output_shapes is not None:
+            metrics = task.row.metrics  # its stats hold both shapes, also when they did not fit
+            if task.pair is not None and task.row.data_id == 0 and metrics is not None:
                 seen[(task.row.rank, task.row.token_id, id(task.pair.atb), id(task.pair.module),
-                      task.pair.torch_stem, task.pair.atb_stem)] = task.row.output_shapes
+                      task.pair.torch_stem, task.pair.atb_stem)] = (metrics.golden.shape, metrics.my.shape)
         for rank_name, token, pair, compatible in self._assumed:
             shapes = seen.get((rank_name, token, id(pair.atb), id(pair.module), pair.torch_stem, pair.atb_stem))
             fits = shapes_compatible(*shapes) is not None if shapes is not None else compatible(pair) is not False
@@ -441,7 +442,6 @@ class Engine:
         try:
             golden = self.golden_opts.load(task.golden)
             my = self.my_opts.load(task.my)
-            row.output_shapes = (tuple(golden.shape), tuple(my.shape))
             row.metrics = compare_tensors(golden, my, custom_metrics=self.custom_metrics)
             if task.sampled:  # its pages were just read: the sample costs no I/O here
                 row.output_sample = (sample_digest(golden), sample_digest(my))
@@ -494,7 +494,7 @@ class Engine:
             row.input_metrics = _worst_inputs(errors)
             self._judge(row)
         for task in tasks:
-            task.row.output_sample = task.row.output_shapes = None
+            task.row.output_sample = None
 
     def _compute(self, tasks: list[_Task]) -> None:
         from .parallel import run_in_order  # worker threads/processes or serial; rows kept in task order

@@ -29,7 +29,6 @@ class Row:
     input_metrics: dict[str, float] | None = None
     input_parts: list = field(default_factory=list)  # engine-internal, between computing and judging
     output_sample: tuple | None = None  # engine-internal: digests of the output files, for linked inputs
-    output_shapes: tuple | None = None  # engine-internal: the shapes the worker opened, to check pairing's guesses
     effective: dict[str, float] = field(default_factory=dict)
     bounds: dict[str, float] = field(default_factory=dict)
     breaches: list = field(default_factory=list)  # compare.tolerance.Breach
