@@ -1,6 +1,7 @@
 """Installing the package activates the plugin in every pytest run of the environment: it must cost next to nothing.
 
-Measured with ``python -X importtime`` in a fresh interpreter, as a user would check it.
+Checked with ``python -X importtime`` in a fresh interpreter, as a user would: what the plugin imports, not how
+long it takes (that depends on the machine; ``bench/bench_import.py`` measures it).
 """
 from __future__ import annotations
 
@@ -31,11 +32,3 @@ def test_plugin_imports_nothing_heavy():
     assert not heavy, f"importing the plugin pulls in {heavy[:10]}"
     ours = sorted(m for m in modules if m.startswith("pytest_ait_llm."))
     assert ours == ["pytest_ait_llm.plugin"], f"the plugin imports engine modules at import time: {ours}"
-
-
-def test_plugin_import_is_under_100_ms():
-    """Cumulative time of ``pytest_ait_llm.plugin`` once pytest is loaded (the plugin only ever loads inside
-    pytest; pytest's own ~80 ms is not ours). Best of three runs, so a busy CI machine does not make it flaky."""
-    best = min(importtime("import pytest; import pytest_ait_llm.plugin")["pytest_ait_llm.plugin"][1]
-               for _ in range(3))
-    assert best < 100_000, f"importing the plugin took {best / 1000:.1f} ms"
