@@ -4,12 +4,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from hang_guard import guarded
 from pytest_ait_llm.dump.atb_writer import AtbDumpWriter
 from pytest_ait_llm.errors import LayoutError
 from pytest_ait_llm.formats.atb_bin import read_bin
@@ -224,11 +224,9 @@ def test_symlink_loops_do_not_hang(tmp_path):
     (root / "tensors" / f"0_{PID}" / "0" / "self").symlink_to(root, target_is_directory=True)
     (root / "tensors" / "loop").symlink_to(root / "tensors", target_is_directory=True)
 
-    started = time.monotonic()
-    found = find_atb_dumps(tmp_path, max_depth=10)
-    dump = open_atb_dump(root)
-    dump.ranks[0].topology()
+    found = guarded(find_atb_dumps, tmp_path, max_depth=10)
+    dump = guarded(open_atb_dump, root)
+    guarded(dump.ranks[0].topology)
     with pytest.raises(LayoutError):
-        open_atb_dump(loop_home)
-    assert time.monotonic() - started < 10
+        guarded(open_atb_dump, loop_home)
     assert found == [root]

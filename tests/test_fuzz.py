@@ -13,8 +13,6 @@ from __future__ import annotations
 import mmap
 import json
 import os
-import signal
-import threading
 import tracemalloc
 import warnings
 from collections import Counter
@@ -25,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hang_guard import guarded
 from pytest_ait_llm.errors import AitLlmError, FormatError, MappingError
 from pytest_ait_llm.formats.atb_bin import read_bin, read_bin_header, write_bin
 from pytest_ait_llm.formats.atb_layout import op_files
@@ -49,8 +48,6 @@ MORE = settings(FUZZ, max_examples=300)
 
 #: Inputs tried per reader, reported at the end of the module (test state, not package state).
 TRIED: Counter[str] = Counter()
-#: One reader call parses a file of at most a few KB in milliseconds; a minute means it hangs, on any machine.
-HANG_SECONDS = 60
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -59,31 +56,6 @@ def report_count():
     total = sum(TRIED.values())
     detail = ", ".join(f"{name} {n}" for name, n in sorted(TRIED.items()))
     print(f"\nfuzz: {total} inputs tried ({detail})", flush=True)
-
-
-class ReaderHangs(BaseException):
-    """Raised by the hang guard; a BaseException so that no reader's ``except OSError/Exception`` can hide it."""
-
-
-def guarded(fn, *args, **kwargs):
-    """``fn(*args, **kwargs)`` under a hang guard: SIGALRM interrupts even a blocking open() or read().
-
-    The guard wraps the one reader call and nothing else: hypothesis's own work (generating and shrinking inputs)
-    takes whatever time the machine needs.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return fn(*args, **kwargs)
-
-    def hung(signum, frame):
-        raise ReaderHangs(f"{getattr(fn, '__name__', fn)} still running after {HANG_SECONDS} s: a reader hangs")
-
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(HANG_SECONDS)
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def attempt(target: str | None, expected_error: type[AitLlmError], fn, *args, **kwargs):
@@ -295,13 +267,14 @@ def test_a_sparse_file_claiming_terabytes_is_refused_without_allocating(tmp_path
 json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-(2**80), 2**80), st.floats(allow_nan=True),
                       st.text(max_size=6))
 TOPO_KEYS = ["opName", "opType", "param", "inTensors", "outTensors", "internalTensors", "nodes", "modelName"]
-json_tree = st.recursive(
-    json_leaf,
-    lambda inner: st.one_of(st.lists(inner, max_size=5),
-                            st.dictionaries(st.one_of(st.sampled_from(TOPO_KEYS), st.text(max_size=6)), inner,
-                                            max_size=6)),
-    max_leaves=10,
-)
+
+
+def _json_containers(inner):
+    keys = st.one_of(st.sampled_from(TOPO_KEYS), st.text(max_size=6))
+    return st.lists(inner, max_size=5) | st.dictionaries(keys, inner, max_size=6)
+
+
+json_tree = st.recursive(json_leaf, _json_containers, max_leaves=10)
 EDGE_NAMES = ["..", ".", "a/b", "a\\b", "a\x00b", "x" * 300, "Op_\u00b2", "Op_\u0663", "Op_" + "9" * 40, "Op_-1",
               "Linear_3_4_0", "", " ", "CON", "a\nb"]
 odd_names = st.one_of(st.text(max_size=10), st.sampled_from(EDGE_NAMES))
