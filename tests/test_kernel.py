@@ -1,10 +1,14 @@
 """The compiled pass (compare/_kernel.c): the same numbers as the numpy pass and an extended-precision reference,
-to 1e-12 relative, on every instruction-set copy this CPU can run, at block edges, misaligned payloads, NaN/inf and
-extreme values."""
+to 1e-12 relative, on every instruction-set copy this CPU can run, and on the AArch64 (NEON) copy under qemu where
+the cross toolchain is installed, at block edges, misaligned payloads, NaN/inf and extreme values."""
 from __future__ import annotations
 
 import math
 import platform
+import shutil
+import struct
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +20,10 @@ from pytest_ait_llm.formats.tensor import RawTensor
 
 pytestmark = pytest.mark.skipif(fastpass._kernel is None, reason="the compiled pass is not built here")
 
-ISAS = ["avx512", "avx2", "neon", "baseline"]
+ISAS = ["avx512", "avx2", "neon", "baseline", "aarch64 under qemu"]
+ROOT = Path(__file__).resolve().parent.parent
+CROSS_CC, QEMU = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64") or shutil.which(
+    "qemu-aarch64-static")
 
 #: Where a KL divergence is tiny, both passes sit at float64's floor for its formula (a difference of terms of
 #: size ~|m - g|): they agree to this much absolutely, and each is as far from an extended-precision reference.
@@ -33,16 +40,50 @@ def test_the_compiled_pass_is_built_and_used_on_this_machine():
         assert fastpass.isa() == "neon"
 
 
+@pytest.fixture(scope="session")
+def aarch64_harness(tmp_path_factory) -> Path:
+    """bench/kernel_harness.c (the loops without Python) built for AArch64 with setup.py's flags, static."""
+    if not (CROSS_CC and QEMU):
+        pytest.skip("no AArch64 cross compiler or qemu-aarch64 here "
+                    "(apt-get install gcc-aarch64-linux-gnu qemu-user; scripts/check_aarch64.sh)")
+    exe = tmp_path_factory.mktemp("aarch64") / "kernel_harness"
+    subprocess.run([CROSS_CC, "-O3", "-std=c11", "-ffp-contract=fast", "-static", "-o", str(exe),
+                    str(ROOT / "bench" / "kernel_harness.c"), "-lm"], check=True, timeout=300)
+    return exe
+
+
+def emulated(harness: Path, mode: str):
+    """fastpass.run_full / run_light, done by the AArch64 build of the loops under qemu: the same runs in, the
+    same named sums out, so that compare_tensors finishes them exactly as it does the native pass's."""
+    def run(golden: RawTensor, my: RawTensor, runs) -> dict[str, float]:
+        records = [struct.pack("<qii", g.size, count_g, count_m) + np.ascontiguousarray(g).tobytes()
+                   + np.ascontiguousarray(m).tobytes() for g, m, count_g, count_m in runs]
+        kinds = [str(fastpass._kernel.KINDS[str(t.dtype)]) for t in (golden, my)]
+        out = subprocess.run([QEMU, str(harness), "neon", *kinds, mode], input=b"".join(records),
+                             capture_output=True, check=True, timeout=300).stdout.decode()
+        names, values = zip(*(line.split() for line in out.splitlines()))
+        assert names == fastpass.SLOTS  # one layout on both architectures
+        return {name: float(v) for name, v in zip(names, values)}
+    return run
+
+
 @pytest.fixture(params=ISAS)
 def isa(request, monkeypatch):
-    """Run the test on one copy of the loops, then give the process its default back."""
+    """Run the test on one copy of the loops, then give the process its default back. The AArch64 copy runs in
+    place of the native one under qemu (fastpass's two run functions swapped for the emulated build)."""
     kernel = fastpass._kernel
     default = kernel.isa()
+    monkeypatch.setenv("AIT_LLM_KERNEL", "compiled")
+    if request.param == "aarch64 under qemu":
+        harness = request.getfixturevalue("aarch64_harness")
+        monkeypatch.setattr(fastpass, "run_full", emulated(harness, "full"))
+        monkeypatch.setattr(fastpass, "run_light", emulated(harness, "light"))
+        yield request.param
+        return
     try:
         kernel.set_isa(request.param)
     except ValueError:
         pytest.skip(f"{request.param} not available on this CPU")
-    monkeypatch.setenv("AIT_LLM_KERNEL", "compiled")
     yield request.param
     kernel.set_isa(default)
 
