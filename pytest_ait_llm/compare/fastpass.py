@@ -5,8 +5,9 @@ take it: both sides float32/float64/float16/bfloat16 in their storage dtype. Eve
 without the extension, takes the numpy pass in metrics.py.
 
 ``AIT_LLM_KERNEL=numpy`` forces the numpy pass, ``=compiled`` the compiled one. By default the compiled pass runs
-wherever it is built: on x86-64 even its plain 2-lane copy (SSE2, what a CPU without AVX2 gets) measured faster
-than the numpy pass, and on AArch64 that same 2-lane copy is NEON's (docs/performance.md, "The compiled pass").
+wherever it is built: its AVX2/AVX-512 copies measured 2.3-6x the numpy pass, its plain 2-lane copy (SSE2 on an
+x86-64 without AVX2; NEON on AArch64, whose speed is not measured) level with it (docs/performance.md, "The
+compiled pass").
 """
 from __future__ import annotations
 
