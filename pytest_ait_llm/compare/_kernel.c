@@ -69,10 +69,6 @@ static const double INV_FACTORIAL[14] = {
 /* The original tool's epsilon (float32 machine epsilon): |golden| <= EPS contributes no relative error. */
 static const double EPS = 1.1920928955078125e-07;
 
-static inline float f32_from_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
-static inline double f64_from_bits(uint64_t u) { double d; memcpy(&d, &u, 8); return d; }
-static inline uint64_t bits_of_f64(double d) { uint64_t u; memcpy(&u, &d, 8); return u; }
-
 static Py_ssize_t item_size(int kind) { return kind == K_F64 ? 8 : kind == K_F32 ? 4 : 2; }
 
 typedef struct { double sum, min, max; int bad; } BlockStats; /* bad: may hold NaN/inf, count exactly */

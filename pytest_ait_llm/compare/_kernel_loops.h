@@ -1,13 +1,15 @@
 /*
  * The hot loops of _kernel.c. That file includes this one once per instruction set (x86-64: AVX-512, AVX2+FMA,
- * baseline; elsewhere: baseline), with ISA(name) giving each copy its own names; the module picks one copy for the
- * CPU it runs on when it is imported. Not a header of its own: it relies on _kernel.c's types and helpers, and it
- * #undefs its settings (ISA, VLANES, VMIN/VMAX, VWIDEN, VRCP14) at its end.
+ * baseline; AArch64: NEON; elsewhere: baseline), with ISA(name) giving each copy its own names; the module picks
+ * one copy for the CPU it runs on when it is imported. Not a header of its own: it relies on _kernel.c's types and
+ * helpers, and it #undefs its settings (ISA, VLANES, VMIN/VMAX, VWIDEN, VRCP14) at its end.
  *
- * The loops are written with GCC/Clang vector types of VLANES lanes, one register wide (vd: VLANES float64; 8 for
- * AVX-512, 4 for AVX2, 2 for SSE2), so vectorisation does not depend on the optimiser. Each quantity is summed in
- * VLANES independent lanes, added up at the end of a block. Loads and stores go through memcpy: any alignment is
- * fine. Comparisons of vd give vl masks (all ones / zeros per lane).
+ * The loops are written with GCC/Clang generic vector types of VLANES lanes, one register wide (vd: VLANES
+ * float64; 8 for AVX-512, 4 for AVX2, 2 for SSE2 and NEON), so vectorisation does not depend on the optimiser and
+ * needs no intrinsics: the x86 copies use a few (VMIN/VMAX, VWIDEN, VRCP14) where they measured faster, every
+ * other target gets the generic forms below. Each quantity is summed in VLANES independent lanes, added up at the
+ * end of a block. Loads and stores go through memcpy: any alignment is fine. Comparisons of vd give vl masks (all
+ * ones / zeros per lane).
  */
 
 #define vd ISA(vd_)
