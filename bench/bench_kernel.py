@@ -7,6 +7,9 @@ fastest of ``--repeat`` rounds, interleaved across passes so that load on the sh
 Time is this process's CPU time (``time.process_time``): on a loaded machine, waiting for a core is not the pass's.
 
     PYTHONPATH=. .venv/bin/python bench/bench_kernel.py [--repeat 7]
+
+numpy uses the widest loops of this CPU. To compare the 2-lane copy with numpy as a CPU without AVX2 runs it, hold
+numpy to its SSE4.2 baseline: NPY_DISABLE_CPU_FEATURES="X86_V3 X86_V4 AVX512_ICL AVX512_SPR" (numpy 2.x names).
 """
 from __future__ import annotations
 
