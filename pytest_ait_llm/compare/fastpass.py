@@ -5,8 +5,8 @@ take it: both sides float32/float64/float16/bfloat16 in their storage dtype. Eve
 without the extension, takes the numpy pass in metrics.py.
 
 ``AIT_LLM_KERNEL=numpy`` forces the numpy pass, ``=compiled`` the compiled one. By default the compiled pass runs
-wherever it is built: its AVX2/AVX-512 copies measured 2.3-6x the numpy pass, its 2-lane copy 1.7-1.8x numpy
-held to the same vector width (SSE2, what an x86-64 without AVX2 runs; the same loops are NEON's on AArch64,
+wherever it is built: its AVX2/AVX-512 copies measured ~4x the numpy pass or more, its 2-lane copy 1.7-1.8x
+numpy held to the same vector width (SSE2, what an x86-64 without AVX2 runs; the same loops are NEON's on AArch64,
 where their speed is not measured: docs/performance.md, "The compiled pass").
 """
 from __future__ import annotations
