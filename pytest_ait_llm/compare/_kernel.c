@@ -260,7 +260,8 @@ static PyMethodDef methods[] = {
      "full(golden, gkind, my, mkind, state, count_golden=True, count_my=True): add a run to every sum"},
     {"light", py_light, METH_VARARGS, "light(golden, gkind, my, mkind, state): add a run to the 4 dot products"},
     {"isa", py_isa, METH_NOARGS, "isa(): the instruction set of the loops in use"},
-    {"set_isa", py_set_isa, METH_VARARGS, "set_isa(name): use the copy of the loops for avx512, avx2, neon or baseline (for tests)"},
+    {"set_isa", py_set_isa, METH_VARARGS,
+     "set_isa(name): use the copy of the loops for avx512, avx2, neon or baseline (for tests)"},
     {NULL, NULL, 0, NULL},
 };
 
