@@ -16,7 +16,7 @@ from pytest_ait_llm.formats.atb_bin import (
     read_bin_header,
     write_bin,
 )
-from pytest_ait_llm.formats.atomic import atomic_write_bytes
+from pytest_ait_llm.formats.safe_io import atomic_write_bytes
 from pytest_ait_llm.formats.dtypes import ACL_DTYPES
 from pytest_ait_llm.formats.tensor import RawTensor
 

@@ -20,15 +20,12 @@ class RawTensor:
     ``data`` is a flat numpy array of the storage dtype (a read-only view of the file's memory map for
     .bin/.pth, a ``np.memmap`` for .npy; bf16 as uint16 patterns);
     ``dtype`` is the logical dtype name ("bfloat16", "float16", "float32", "int8", ...); ``shape`` the logical shape.
-    ``offset``: where element 0 lies in the file at ``path`` when the payload is stored there contiguously, so that
-    a few elements can be read without mapping their pages (a first touch of a mapped page costs ~10 us here).
     """
 
     data: np.ndarray
     dtype: str
     shape: tuple[int, ...]
     path: Path | None = None
-    offset: int | None = None
 
     @property
     def numel(self) -> int:
