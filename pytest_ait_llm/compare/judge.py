@@ -7,6 +7,7 @@ all agree are ``mapping_suspect`` rather than divergent, and the first breach in
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Callable, Sequence
 
 from ..formats.atb_topology import AtbOp
@@ -27,7 +28,7 @@ def build_result(plan: Plan, results: Sequence, options: CompareOptions, read_in
     tolerance = options.tolerance
     task_rows: list[Row] = []
     for task, res in zip(plan.tasks, results):
-        row = task.id.row(golden_path=str(task.golden or ""), my_path=str(task.my or ""))
+        row = replace(task.row, breaches=[], effective={}, bounds={})  # the plan's row stays as it was
         if task.skipped_by_tolerance:
             row.status, row.reason = SKIPPED, task.skip
         elif task.skip:

@@ -2,7 +2,7 @@
 
 Opening the two dumps, pairing the ops (mapping/) and listing each pair's files happens here, once. What comes out
 is a :class:`Plan`: rows that need no comparing (unpaired ops, tokens on one side only, ranks that cannot be read)
-and a list of :class:`Task`, each naming its files and the identity of the row it becomes. A task is small and
+and a list of :class:`Task`, each naming its files and the row it becomes (as far as the plan knows it). A task is small and
 picklable: a worker (compare/engine.py) needs nothing else to compare it.
 
 Read options are per side: the torch dump and the ATB dump may differ in what they allow (symlinks, size limits).
@@ -90,28 +90,6 @@ class CompareOptions:
 
 
 @dataclass(frozen=True)
-class RowId:
-    """Who a row is about: the columns of a report row that come from the plan, not from comparing."""
-
-    token_id: int | None
-    data_id: int
-    completion: int  # the ATB op's place in completion order (a graph op completes after its parts): Row.order
-    rank: str
-    atb_op: str = ""
-    atb_op_name: str = ""
-    my_op_type: str = ""
-    torch_module: str = ""
-    golden_op_type: str = ""
-    rule: str = ""
-    note: str = ""
-
-    def row(self, **fields) -> Row:
-        return Row(self.token_id, self.data_id, self.completion, self.rank, atb_op=self.atb_op,
-                   atb_op_name=self.atb_op_name, my_op_type=self.my_op_type, torch_module=self.torch_module,
-                   golden_op_type=self.golden_op_type, rule=self.rule, note=self.note, **fields)
-
-
-@dataclass(frozen=True)
 class Task:
     """One output tensor pair to compare, and the input files that tell how much error the op received.
 
@@ -123,7 +101,7 @@ class Task:
     """
 
     index: int
-    id: RowId
+    row: Row  # the report row as far as the plan knows it (who it is about); never mutated, copied by the judge
     golden: Path | None
     my: Path | None
     golden_inputs: tuple[Path, ...] = ()
@@ -338,14 +316,15 @@ def _tasks(pair: OpPair, token: int, token_dir: Path, rank_name: str, completion
                                            pair.module.type)
     out = []
     for data_id, g, m in _output_pairs(pair, golden_files, my_files):
-        row_id = RowId(token, data_id, completion, rank_name, pair.atb.rel_dir, pair.atb.op_name, pair.atb.op_type,
-                       pair.module.name, pair.module.type, pair.rule, pair.note)
+        row = Row(token, data_id, completion, rank_name, atb_op=pair.atb.rel_dir, atb_op_name=pair.atb.op_name,
+                  my_op_type=pair.atb.op_type, torch_module=pair.module.name, golden_op_type=pair.module.type,
+                  golden_path=str(g or ""), my_path=str(m or ""), rule=pair.rule, note=pair.note)
         skip = ""
         if skipped:
             skip = "skipped by the tolerance's skip= list"
         elif g is None or m is None:
             skip = f"no output tensor dumped for this {'torch module' if g is None else 'ATB op'}"
-        out.append(Task(first_index + len(out), row_id, g, m, skip=skip, skipped_by_tolerance=skipped, **inputs))
+        out.append(Task(first_index + len(out), row, g, m, skip=skip, skipped_by_tolerance=skipped, **inputs))
     return out
 
 
