@@ -146,7 +146,7 @@ def _flat(t: RawTensor) -> np.ndarray:
 class _Widener:
     """Widens raw storage slices (any shape, possibly strided) into ONE reused float64 buffer.
 
-    RawTensor.chunks() allocates a fresh float64 array per chunk; on GB tensors the reuse saves page faults.
+    A fresh float64 array per chunk would fault in new pages on GB tensors: one buffer is reused.
     bf16 travels as 16-bit patterns: shifted into the high half of a uint32 it is the exact float32 value.
     """
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -30,12 +29,6 @@ class RawTensor:
     @property
     def numel(self) -> int:
         return int(prod(self.shape)) if self.shape else int(self.data.size)
-
-    def chunks(self, size: int = DEFAULT_CHUNK) -> Iterator[np.ndarray]:
-        """float64 chunks of the flattened tensor, ``size`` elements each (the last may be shorter)."""
-        flat = self.data.reshape(-1)
-        for start in range(0, flat.size, size):
-            yield widen(flat[start:start + size], self.dtype)
 
     def to_float64(self) -> np.ndarray:
         """The whole tensor widened to float64, in its logical shape (for tests and small tensors)."""
