@@ -378,9 +378,9 @@ def _exp_shifted(x: np.ndarray, shift: float, out: np.ndarray) -> None:
         np.exp(out, out=out)
 
 
-#: Row length of the blocked dot products. OpenBLAS runs ``dot`` on all its threads above 10 000 elements; with
-#: pairs compared in parallel processes those threads fight over the cores (measured: a 32 Ki dot went from 5 us to
-#: 355 us on the 2-core box). Rows of 4096 keep every BLAS call single-threaded whatever the chunk size.
+#: Row length of the blocked dot products. OpenBLAS runs ``dot`` on all its threads above 10 000 elements, and with
+#: pairs compared in parallel processes those threads fight over the cores (docs/performance.md): rows of 4096 keep
+#: every BLAS call single-threaded whatever the chunk size.
 DOT_ROW = 4096
 
 

@@ -304,7 +304,7 @@ def read_bin(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BIN_BYTES,
         else:
             # Map the file already opened and checked, not the name again: a name swapped for a FIFO meanwhile
             # would block the mapping's open(). One read-only map of the whole file, the array a view into it
-            # (np.memmap costs ~4x more per file, and a comparison opens thousands).
+            # (np.memmap costs more per file, and a comparison opens thousands: docs/performance.md).
             try:
                 whole = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
                 data = np.frombuffer(whole, dtype=acl.storage, count=numel,

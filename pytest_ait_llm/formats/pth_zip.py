@@ -1,6 +1,6 @@
 """Read a one-tensor ``torch.save`` file without torch: parse its tiny pickle, memory-map its storage with numpy.
 
-Importing torch costs ~1 s, yet a dumped golden tensor is one plain tensor in torch's zip format: a ~150-byte
+Importing torch takes about a second (docs/performance.md), yet a dumped golden tensor is one plain tensor in torch's zip format: a ~150-byte
 ``data.pkl`` naming one storage, and a member ``data/<key>`` holding its bytes. :func:`read_plain_tensor` reads
 exactly that with :mod:`zipfile`. Anything else (legacy pre-zip files, containers, subclasses, other globals,
 big-endian payloads) gets None, and the caller falls back to a weights-only ``torch.load``, which keeps its
