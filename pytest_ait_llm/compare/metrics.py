@@ -138,7 +138,7 @@ def _flat(t: RawTensor) -> np.ndarray:
 class _Widener:
     """Widens raw storage slices (any shape, possibly strided) into ONE reused float64 buffer.
 
-    RawTensor.chunks() allocates a fresh float64 array per chunk; on GB tensors the reuse saves page faults.
+    A fresh float64 array per chunk would fault in new pages on GB tensors: one buffer is reused.
     bf16 travels as 16-bit patterns: shifted into the high half of a uint32 it is the exact float32 value.
     """
 
@@ -370,9 +370,9 @@ def _exp_shifted(x: np.ndarray, shift: float, out: np.ndarray) -> None:
         np.exp(out, out=out)
 
 
-#: Row length of the blocked dot products. OpenBLAS runs ``dot`` on all its threads above 10 000 elements; with
-#: pairs compared in parallel processes those threads fight over the cores (measured: a 32 Ki dot went from 5 us to
-#: 355 us on the 2-core box). Rows of 4096 keep every BLAS call single-threaded whatever the chunk size.
+#: Row length of the blocked dot products. OpenBLAS runs ``dot`` on all its threads above 10 000 elements, and with
+#: pairs compared in parallel processes those threads fight over the cores (docs/performance.md): rows of 4096 keep
+#: every BLAS call single-threaded whatever the chunk size.
 DOT_ROW = 4096
 
 
