@@ -405,9 +405,10 @@ class _Scope:
                 self.notes[id(add)] = f"residual add: its output is compared as {m.name}'s (with {pair.atb.op_name})"
             self._add(pair)
 
-    def pair_containers(self, skip: set[int]) -> None:
-        """Pair each unpaired module with children, whose last child is paired, with that child's op: it returns
-        its last child's output (``GPTNeoXMLP``). Children first, so nested containers chain."""
+    def pair_containers(self, skip: set[int], emit: bool) -> None:
+        """Each unpaired module with children whose last child is paired returns that child's output
+        (``GPTNeoXMLP``): with ``emit``, pair it with the child's op too; else say so in its unpaired reason.
+        Children first, so nested containers chain."""
         pair_of = self._pair_of()
         for m in sorted(self.modules, key=lambda m: -m.order):
             if (id(m) in self.paired_torch or not m.children or id(m) in skip or m.type in RESIDUAL_INCLUSIVE):
@@ -416,15 +417,18 @@ class _Scope:
             child = pair_of.get(id(last))
             if child is None:
                 continue
+            note = f"{SAME_QUANTITY} {last.name}: {m.type} returns its last child's output"
             pair = OpPair(child.atb, m, f"{m.type} returns {last.name.rsplit('.', 1)[-1]}'s output",
-                          child.atb_stem, "output_0", child.output_op,
-                          f"{SAME_QUANTITY} {last.name}: {m.type} returns its last child's output")
+                          child.atb_stem, "output_0", child.output_op, note)
             if self.compatible(pair) is False:
                 self.notes.setdefault(id(m), f"its output's shape differs from that of its last child {last.name}")
                 continue
-            self.pairs.append(pair)
-            self.paired_torch.add(id(m))
             pair_of[id(m)] = pair
+            if emit:
+                self.pairs.append(pair)
+                self.paired_torch.add(id(m))
+            else:
+                self.notes[id(m)] = f"{note}, compared in that child's row (with {child.atb.op_name})"
 
 
 def _other(add: AtbOp, tensor: str) -> str:
@@ -436,8 +440,9 @@ def pair_ops(topology: AtbTopology, tree: TorchModule, table: MappingTable,
     """Pair every ATB op of ``topology`` with the torch modules of ``tree`` (see the module docstring).
 
     ``containers``: also pair each container with its last child's op (a second pair of that op, its note starting
-    with :data:`SAME_QUANTITY`). Off by default: such a pair's ATB inputs are the child's, not the container's, so a
-    comparer must not match the container's inputs against them (nor name it before the child's pair).
+    with :data:`SAME_QUANTITY`). Off by default (the container is then listed as compared in its child's row): such
+    a pair's ATB inputs are the child's, not the container's, so a comparer must not match the container's inputs
+    against them, and must name the child's pair, not the container's, when that op diverges first.
     """
     compatible = compatible or (lambda pair: None)
     order = completion_order(topology)
@@ -461,8 +466,7 @@ def pair_ops(topology: AtbTopology, tree: TorchModule, table: MappingTable,
         scope = _Scope(a_ops, t_mods, table, folded, compatible, order, families)
         scope.run()
         scope.pair_residual_inclusive(flow)
-        if containers:
-            scope.pair_containers({id(t_layer)})
+        scope.pair_containers({id(t_layer)}, containers)
         if id(a_layer) not in scope.paired_atb and id(t_layer) not in scope.paired_torch:
             layer_pair = OpPair(a_layer, t_layer, "layer", "outtensor0", None, None, "layer output")
             if compatible(layer_pair) is not False:
@@ -482,14 +486,13 @@ def pair_ops(topology: AtbTopology, tree: TorchModule, table: MappingTable,
             unpaired.append(Unpaired("torch", m.name, m.type, reason, m))
 
     layer_ids = {id(m) for layer in t_layers for m in _subtree(layer)}
-    containers = _layer_containers(tree, layer_ids)
+    holders = _layer_containers(tree, layer_ids)
     outside_atb = [op for op in topology.walk() if id(op) not in in_layer_atb]
-    outside_torch = [m for m in tree.walk() if id(m) not in in_layer_torch and id(m) not in containers]
+    outside_torch = [m for m in tree.walk() if id(m) not in in_layer_torch and id(m) not in holders]
     outer = _Scope(outside_atb, outside_torch, table, folded, compatible, order, families)
     outer.run()
     outer.pair_residual_inclusive(flow)
-    if containers:
-        outer.pair_containers(set())
+    outer.pair_containers(set(), containers)
     scopes.append(outer)
 
     for scope in scopes:
@@ -507,7 +510,7 @@ def pair_ops(topology: AtbTopology, tree: TorchModule, table: MappingTable,
                 reason = scope.notes.get(id(m)) or f"no ATB op is mapped to torch type {m.type}"
                 unpaired.append(Unpaired("torch", m.name, m.type, reason, m))
     for m in tree.walk():
-        if id(m) in containers:
+        if id(m) in holders:
             unpaired.append(Unpaired("torch", m.name, m.type, "model container: holds the layers; compared through its parts", m))
     pairs.sort(key=lambda p: order[id(p.atb)])
     return Pairing(pairs, unpaired, a_layers, t_layers)
