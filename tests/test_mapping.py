@@ -1,7 +1,9 @@
 """Op mapping rules and pairing, on the real Bloom-7B topology and its torch module tree."""
 from __future__ import annotations
 
+import importlib.util
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,8 @@ from pytest_ait_llm.errors import MappingError
 from pytest_ait_llm.formats.atb_topology import load_topology, parse_topology
 from pytest_ait_llm.formats.torch_layout import load_model_tree, parse_model_tree
 from pytest_ait_llm.mapping.pairing import align, atb_layers, bias_adds, pair_ops, torch_layers
-from pytest_ait_llm.mapping.rules import MappingTable, load_mapping_file, mapping_table, parse_atb_side, parse_torch_side
+from pytest_ait_llm.mapping.rules import (MappingTable, family_prefixes, load_mapping_file, mapping_table, parse_atb_side,
+                                          parse_torch_side)
 
 SAMPLE = Path(__file__).parent / "data" / "ait-sample"
 
@@ -203,3 +206,101 @@ def test_layer_count_mismatch_is_reported_per_op():
     assert sum(1 for p in pairing.pairs if p.atb.op_type == "LinearOperation") == 2
     extra = [u for u in pairing.unpaired if u.name.startswith("2_MyLayer")]
     assert extra and all("layer count differs" in u.reason for u in extra)
+
+
+def _brute_force_align(n, m, ok):
+    """Every optimal alignment, enumerated: (pairs common to all, ambiguous ATB, ambiguous torch)."""
+    cells = [(i, j) for i in range(n) for j in range(m) if ok(i, j)]
+    best: list[list[tuple[int, int]]] = [[]]
+
+    def extend(start, last, chosen):
+        if len(chosen) > len(best[0]):
+            best[:] = [list(chosen)]
+        elif len(chosen) == len(best[0]) and chosen:
+            best.append(list(chosen))
+        for k in range(start, len(cells)):
+            if cells[k][0] > last[0] and cells[k][1] > last[1]:
+                extend(k + 1, cells[k], chosen + [cells[k]])
+
+    extend(0, (-1, -1), [])
+    common = set(best[0]).intersection(*map(set, best))
+    ambiguous = set().union(*map(set, best)) - common
+    return sorted(common), {i for i, _ in ambiguous}, {j for _, j in ambiguous}
+
+
+def test_align_agrees_with_enumerating_every_alignment():
+    rng = random.Random(3)
+    for _ in range(1500):
+        n, m, density = rng.randint(0, 6), rng.randint(0, 6), rng.random()
+        fits = [[rng.random() < density for _ in range(m)] for _ in range(n)]
+        pairs, amb_a, amb_t = align(n, m, lambda i, j: fits[i][j])
+        assert (sorted(pairs), amb_a, amb_t) == _brute_force_align(n, m, lambda i, j: fits[i][j]), fits
+
+
+# ------------------------------------------------------------------------------- large inputs (bench_pairing.py)
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_pairing", Path(__file__).parent.parent / "bench" / "bench_pairing.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_400_linear_ops_against_401_modules_pair_by_shape_and_leave_the_router():
+    text, tree, compatible = _bench().linear_layer(400)
+    asked = []
+    pairing = pair_ops(parse_topology(json.loads(text)), tree, mapping_table(),
+                       lambda pair: asked.append(pair) or compatible(pair))
+    linear = {(p.atb.op_name, p.module.name) for p in pairing.pairs if p.rule != "layer"}
+    assert linear == {(f"LinearOperation_1_{k}", f"root.layers.0.expert{k}_proj") for k in range(400)}
+    (router,) = [u for u in pairing.unpaired if u.side == "torch" and u.name.endswith("router")]
+    assert "no shape-compatible" in router.reason
+    assert len(asked) < 20 * 401  # a band around the diagonal was asked, not the 160k candidate pairs
+
+
+def test_align_beyond_the_cell_limit_is_refused_with_the_reason(monkeypatch):
+    from pytest_ait_llm.mapping import pairing as pairing_module
+
+    monkeypatch.setattr(pairing_module, "MAX_ALIGN_CELLS", 1000)
+    text, tree, compatible = _bench().linear_layer(400)
+    pairing = pair_ops(parse_topology(json.loads(text)), tree, mapping_table(), compatible)
+    assert not [p for p in pairing.pairs if p.rule != "layer"]
+    reasons = {u.reason for u in pairing.unpaired if u.op_type in ("LinearOperation", "Linear")}
+    assert len(reasons) == 1 and "need more than 1000 comparisons" in reasons.pop()
+
+
+def test_200k_rule_mapping_file_pairs_as_the_rules_say(tmp_path):
+    bench = _bench()
+    bench.huge_mapping_file(tmp_path)
+    table = mapping_table(tmp_path)
+    assert len(table.rules) == 200_000 + len(MappingTable.builtin().rules)
+    text, tree, compatible = bench.linear_layer(400)
+    pairing = pair_ops(parse_topology(json.loads(text)), tree, table, compatible)
+    (layer,) = [p for p in pairing.pairs if p.atb.op_name == "MoeLayer_1"]
+    assert layer.module.name == "root.layers.0" and layer.rule == "MoeLayer_outtensor0 -> MoeDecoderLayer_output"
+    assert sum(p.atb.op_type == "LinearOperation" for p in pairing.pairs) == 400
+    assert [r.source for r in table.rules_for_atb("CustomFusedOp77Operation")] == [str(tmp_path / "op_mapping_file.json")]
+
+
+# ------------------------------------------------------------------------------------------- type name matching
+
+def test_rule_types_match_whole_names_or_behind_the_model_family():
+    table = MappingTable.builtin()
+    families = family_prefixes(["LlamaForCausalLM", "LlamaDecoderLayer"])
+    assert families == {"Llama"}
+    matched = lambda module_type: {str(table.rules[i].atb) for i in table.torch_rule_indices(module_type, families)}
+    assert matched("Embedding") == {"GatherOperation", "WordEmbedding"}
+    assert matched("LlamaRotaryEmbedding") == set() and matched("RotaryEmbedding") == set()
+    assert matched("LlamaMLP") == {"MlpGateLayerV2"} and matched("LlamaRMSNorm") == {"RmsNormOperation"}
+    assert matched("QwenMLP") == set()  # another family's prefix is not stripped
+    assert matched("BloomMLP") == {"MlpGateLayerV2"}  # a built-in rule names it whole
+    # ATB keys match an op whose type or name (without its indices) ends with them
+    assert [str(r.atb) for r in table.rules_for_atb("BloomLayer", "Bloom7bCommonLayer_3")] == ["CommonLayer_outtensor0"] * 2
+    assert table.rules_for_atb("LinearOperationX", "LinearOperationX_1") == []
+
+
+def test_family_prefixes_come_from_model_and_layer_type_names():
+    assert family_prefixes(["GPTNeoXForCausalLM", "GPTNeoXLayer"]) == {"GPTNeoX"}
+    assert family_prefixes(["ChatGLMForConditionalGeneration", "GLMBlock"]) == {"ChatGLM", "GLM"}
+    assert family_prefixes(["BloomLayer"]) == {"Bloom"}
+    assert family_prefixes(["Block"]) == set() and family_prefixes(["MyNet"]) == set()

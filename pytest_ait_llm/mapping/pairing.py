@@ -219,46 +219,82 @@ def _subtree(op):
 
 # ------------------------------------------------------------------------------------------------------- alignment
 
-def align(n_atb: int, n_torch: int, ok: Callable[[int, int], bool]) -> tuple[list[tuple[int, int]], set[int], set[int]]:
+def align(n_atb: int, n_torch: int, ok: Callable[[int, int], bool],
+          max_cells: int | None = None) -> tuple[list[tuple[int, int]], set[int], set[int]] | None:
     """Order-preserving alignment of two candidate lists that maximises the confirmed pairs.
 
     Returns (pairs, ambiguous ATB indices, ambiguous torch indices). A pair is kept only if it is in *every* optimal
-    alignment; the others are reported as ambiguous instead of being guessed.
+    alignment; the others are reported as ambiguous instead of being guessed. None when the search would need more
+    than ``max_cells`` candidate pairs.
 
-    One pass each way, O(n_atb * n_torch): a confirmed pair (i, j) lies on an optimal alignment when the best prefix
-    before it, plus one, plus the best suffix after it, is the optimum; it is then that alignment's k-th pair,
-    k = best prefix + 1, in *every* optimal alignment it lies on. Every optimal alignment has one k-th pair, taken
-    among those, so (i, j) is in all of them exactly when it is the only one of its rank.
+    A confirmed pair (i, j) lies on an optimal alignment when the best prefix before it, plus one, plus the best
+    suffix after it, is the optimum; it is then the k-th pair (k = best prefix + 1) of every optimal alignment it
+    lies on. Every optimal alignment has one k-th pair, taken among those, so (i, j) is in all of them exactly when
+    it is the only one of its rank. The search runs in a band around the diagonal, widened until no alignment
+    leaving the band can be as good: O((n + m) * band), ``ok`` asked only inside the band.
     """
     if n_atb == n_torch and all(ok(i, i) for i in range(n_atb)):
         return [(i, i) for i in range(n_atb)], set(), set()
-    fits = [[ok(i, j) for j in range(n_torch)] for i in range(n_atb)]
-    # fwd[i][j]: most pairs among A[:i], T[:j]; back[i][j]: among A[i:], T[j:]
-    fwd = [[0] * (n_torch + 1) for _ in range(n_atb + 1)]
-    for i in range(1, n_atb + 1):
-        row, prev, fit = fwd[i], fwd[i - 1], fits[i - 1]
-        for j in range(1, n_torch + 1):
-            row[j] = max(prev[j], row[j - 1], prev[j - 1] + 1 if fit[j - 1] else 0)
-    back = [[0] * (n_torch + 1) for _ in range(n_atb + 1)]
-    for i in range(n_atb - 1, -1, -1):
-        row, nxt, fit = back[i], back[i + 1], fits[i]
-        for j in range(n_torch - 1, -1, -1):
-            row[j] = max(nxt[j], row[j + 1], nxt[j + 1] + 1 if fit[j] else 0)
+    low, high = min(0, n_torch - n_atb), max(0, n_torch - n_atb)  # offsets j - i of the diagonal's two ends
+    fits: dict[tuple[int, int], bool] = {}
+    extra = 4
+    while True:
+        lo, hi = low - extra, high + extra
+        whole = lo <= -n_atb and hi >= n_torch
+        cells = (n_atb + 1) * (min(hi, n_torch) - max(lo, -n_atb) + 1)
+        if max_cells is not None and cells > max_cells:
+            return None
+        result = _align_in_band(n_atb, n_torch, ok, fits, lo, hi)
+        # an alignment leaving the band skips at least (high - low) + 2 * extra + 2 candidates: when the band's
+        # best skips fewer, every optimal alignment is inside the band
+        skipped = n_atb + n_torch - 2 * result[0]
+        if whole or skipped < 2 * extra + (high - low):
+            return result[1:]
+        extra *= 2
+
+
+def _align_in_band(n_atb: int, n_torch: int, ok, fits: dict, lo: int, hi: int):
+    """(optimum, pairs, ambiguous ATB, ambiguous torch) over the alignments whose cells keep lo <= j - i <= hi."""
+    neg = -(n_atb + n_torch + 1)  # outside the band: never the max
+
+    def cols(i: int) -> range:
+        return range(max(0, i + lo), min(n_torch, i + hi) + 1)
+
+    def fit(i: int, j: int) -> bool:
+        if (i, j) not in fits:
+            fits[(i, j)] = ok(i, j)
+        return fits[(i, j)]
+
+    fwd = [[neg] * (n_torch + 2) for _ in range(n_atb + 2)]  # fwd[i][j]: most pairs among A[:i], T[:j]
+    for i in range(n_atb + 1):
+        row, prev = fwd[i], fwd[i - 1] if i else None
+        for j in cols(i):
+            if i == 0 or j == 0:
+                row[j] = 0
+            else:
+                row[j] = max(prev[j], row[j - 1], prev[j - 1] + 1 if fit(i - 1, j - 1) else neg)
+    back = [[neg] * (n_torch + 2) for _ in range(n_atb + 2)]  # back[i][j]: most pairs among A[i:], T[j:]
+    for i in range(n_atb, -1, -1):
+        row, nxt = back[i], back[i + 1]
+        for j in reversed(cols(i)):
+            if i == n_atb or j == n_torch:
+                row[j] = 0
+            else:
+                row[j] = max(nxt[j], row[j + 1], nxt[j + 1] + 1 if fit(i, j) else neg)
     optimum = back[0][0]
     by_rank: dict[int, list[tuple[int, int]]] = {}
     for i in range(n_atb):
-        for j in range(n_torch):
-            if fits[i][j] and fwd[i][j] + 1 + back[i + 1][j + 1] == optimum:
+        for j in cols(i):
+            if j < n_torch and fit(i, j) and fwd[i][j] + 1 + back[i + 1][j + 1] == optimum:
                 by_rank.setdefault(fwd[i][j], []).append((i, j))
     kept, amb_a, amb_t = [], set(), set()
     for rank in sorted(by_rank):
-        on_rank = by_rank[rank]
-        if len(on_rank) == 1:
-            kept.append(on_rank[0])
+        if len(by_rank[rank]) == 1:
+            kept.append(by_rank[rank][0])
         else:
-            amb_a.update(i for i, _ in on_rank)
-            amb_t.update(j for _, j in on_rank)
-    return kept, amb_a, amb_t
+            amb_a.update(i for i, _ in by_rank[rank])
+            amb_t.update(j for _, j in by_rank[rank])
+    return optimum, kept, amb_a, amb_t
 
 
 # --------------------------------------------------------------------------------------------------------- pairing
@@ -330,17 +366,17 @@ class _Scope:
         return [m for m in mods if id(m) not in wrappers]
 
     def _align(self, atb: list[AtbOp], mods: list[TorchModule], rule: MappingRule) -> None:
-        if len(atb) * len(mods) > MAX_ALIGN_CELLS:
-            reason = (f"not aligned: {len(atb)} ATB {rule.atb.type} x {len(mods)} torch {rule.torch.type} candidates "
-                      f"in one layer exceed the limit of {MAX_ALIGN_CELLS} (rule {rule.atb} -> {rule.torch})")
-            for x in atb + mods:
-                self.notes.setdefault(id(x), reason)
-            return
-
         def ok(i: int, j: int) -> bool:
             return self.compatible(self.make_pair(atb[i], mods[j], rule)) is not False
 
-        pairs, amb_a, amb_t = align(len(atb), len(mods), ok)
+        aligned = align(len(atb), len(mods), ok, MAX_ALIGN_CELLS)
+        if aligned is None:
+            reason = (f"not aligned: {len(atb)} ATB {rule.atb.type} and {len(mods)} torch {rule.torch.type} candidates "
+                      f"in one layer need more than {MAX_ALIGN_CELLS} comparisons (rule {rule.atb} -> {rule.torch})")
+            for x in atb + mods:
+                self.notes.setdefault(id(x), reason)
+            return
+        pairs, amb_a, amb_t = aligned
         for i, j in pairs:
             self._add(self.make_pair(atb[i], mods[j], rule))
         names = ", ".join(m.name for k, m in enumerate(mods) if k in amb_t)
