@@ -12,15 +12,15 @@ The original zipped same-type ops per layer and skipped a type silently when the
   - a module whose output includes its residual (:data:`RESIDUAL_INCLUSIVE`: HF ``BloomMLP``, ``BloomAttention``)
     is paired with the residual add found by dataflow: the Elewise add that consumes the output of the module's ATB
     computation and a tensor that computation was derived from (its residual input);
-  - a container with no ATB op of its own whose output is its last child's (``GPTNeoXMLP``) is paired with the op
-    of that child: one op, a row per module, the container's note saying it is the same quantity;
+  - a container with no ATB op of its own whose output is its last child's (``GPTNeoXMLP``) is the same quantity
+    as that child: listed so, or (``containers=True``) paired with the child's op too, a row per module;
   - when a rule's candidates nest (ChatGLM2's ``Embedding`` wrapper around ``word_embeddings``, both
     ``Embedding``), the op is aligned with the innermost, and the wrapper is paired as the container of it;
 - every ATB op and every torch module ends in the result: paired, or unpaired with the reason.
 
-Cost: rules are found through the table's type index; each rule's alignment is one O(n*m) pass over its
-candidates in that scope (at most :data:`MAX_ALIGN_CELLS` cells, beyond which the candidates are reported unpaired
-with that limit as the reason).
+Cost: rules are found through the table's type index; each rule's candidates in a scope are aligned in a band
+around the diagonal (:func:`align`), near-linear when most candidates fit, at most :data:`MAX_ALIGN_CELLS` candidate
+pairs (beyond that the candidates are reported unpaired with the limit as the reason).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from .rules import MappingRule, MappingTable, family_prefixes, torch_type_keys
 ELEWISE_ADD = 8
 #: HF module types whose output is their computation *plus their residual input* (HF Bloom's dropout_add).
 RESIDUAL_INCLUSIVE = frozenset({"BloomMLP", "BloomAttention"})
-#: Largest candidate table one rule may align in one layer (ATB ops x torch modules): 4M cells take seconds.
+#: Most candidate pairs one rule's alignment may ask about in one layer: beyond, seconds per rule.
 MAX_ALIGN_CELLS = 4_000_000
 SAME_QUANTITY = "same quantity as"  # starts the note of a container's pair
 
