@@ -72,6 +72,13 @@ def huge_mapping_file(folder: Path, n_rules: int = 200_000) -> Path:
     return path
 
 
+def _yardstick() -> None:
+    """A fixed amount of plain Python work, to tell a slow machine from a slow pairing."""
+    seen: dict[str, list[int]] = {}
+    for i in range(200_000):
+        seen.setdefault(str(i), []).append(i)
+
+
 def _best(repeat: int, call) -> float:
     best = float("inf")
     for _ in range(repeat):
@@ -85,14 +92,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
-    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (a loaded machine is that much slower)")
+    yardstick = _best(args.repeat, _yardstick)
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; yardstick (a plain Python loop of 200k "
+          f"dict inserts) {yardstick:.3f} s: each time below is also given in yardsticks")
     table = mapping_table()
     for n in (100, 200, 400):
         text, tree, compatible = linear_layer(n)
         topology = parse_topology(json.loads(text))
         seconds = _best(args.repeat, lambda: pair_ops(topology, tree, table, compatible))
         print(f"unequal Linear counts: {n} ATB vs {n + 1} torch extra Linears ({len(text) / 1000:.0f} KB JSON): "
-              f"pairing {seconds:.3f} s")
+              f"pairing {seconds:.3f} s ({seconds / yardstick:.1f} yardsticks)")
     with tempfile.TemporaryDirectory() as tmp:
         path = huge_mapping_file(Path(tmp))
         size = path.stat().st_size
@@ -102,7 +111,8 @@ def main(argv=None) -> int:
         big = mapping_table(tmp)
         pairing = _best(args.repeat, lambda: pair_ops(topology, tree, big, compatible))
         print(f"mapping file of {len(big.rules) - len(table.rules)} rules ({size / 1e6:.1f} MB): load {load:.3f} s, "
-              f"pairing the 400-extra-Linear layer {pairing:.3f} s, total {load + pairing:.3f} s")
+              f"pairing the 400-extra-Linear layer {pairing:.3f} s, total {load + pairing:.3f} s "
+              f"({(load + pairing) / yardstick:.1f} yardsticks)")
     return 0
 
 
