@@ -14,7 +14,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-__all__ = ["attach_csv", "error_plot_img", "report_fragment", "worst_ops_table"]
+__all__ = ["attach_csv", "error_plot_img", "pytest_html_extras", "report_fragment", "worst_ops_table"]
 
 ASSET_DIR = "ait_llm"  # beside the HTML report: copies of the per-op CSVs
 _COS = "cosine_similarity"
@@ -121,3 +121,26 @@ def report_fragment(result: Any, *, png_path: str | Path | None = None, csv_href
         parts.append(error_plot_img(result, png_path))
     parts.append("</div>")
     return "".join(parts)
+
+
+def pytest_html_extras(results: list, report_dir: str | Path, name: str) -> list:
+    """pytest-html ``extras`` for a test's comparisons: per comparison a link to a copy of its CSV beside the
+    report (the link text is the copy's file name: what the link opens) and :func:`report_fragment`.
+
+    ``results`` holds ``(CompareResult, output_dir)`` per ``compare_ops`` call of the test.
+    """
+    from pytest_html import extras as html_extra
+
+    extras = []
+    for index, (result, out_dir) in enumerate(results, start=1):
+        href = None
+        if result.csv_path is not None:
+            try:
+                href = attach_csv(result.csv_path, report_dir, f"{name}-{index}")
+            except OSError:  # a report that cannot carry the CSV still shows the table and the plot
+                href = None
+            if href is not None:
+                extras.append(html_extra.url(href, name=f"ait-llm CSV {index}: {Path(href).name}"))
+        png = Path(out_dir) / (Path(result.csv_path).stem + ".png" if result.csv_path else "error_profile.png")
+        extras.append(html_extra.html(report_fragment(result, png_path=png, csv_href=href)))
+    return extras
