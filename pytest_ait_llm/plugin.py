@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import pytest
 
 from .settings import Settings, add_options, check_ini_keys, read_settings
+from .terminal import CSV_PROPERTY, VERDICT_PROPERTY, CsvSummary
 
 if TYPE_CHECKING:  # pragma: no cover - names for annotations only
     from .compare.result import CompareResult
@@ -24,8 +25,6 @@ if TYPE_CHECKING:  # pragma: no cover - names for annotations only
     from .formats.torch_layout import TorchDump
 
 MARKER = "ait_tolerance"
-#: user_properties names under which each comparison's CSV path and verdict travel (xdist, junitxml).
-CSV_PROPERTY, VERDICT_PROPERTY = "ait_llm_csv", "ait_llm_verdict"
 
 _SETTINGS = pytest.StashKey[Settings]()
 _RESULTS = pytest.StashKey[list]()  # on a test item: (CompareResult, output dir) of each compare_ops call
@@ -43,7 +42,7 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     check_ini_keys(config)
     config.stash[_SETTINGS] = read_settings(config)
-    config.pluginmanager.register(_CsvSummary(), "ait_llm_csv_summary")
+    config.pluginmanager.register(CsvSummary(), "ait_llm_csv_summary")
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
@@ -134,7 +133,7 @@ def ait_exec_run(request: pytest.FixtureRequest, ait_llm_session_dir: Path) -> C
     """
     from .dump.atb_exec import ExecRuns
     from .errors import AitLlmError
-    from .live_status import LiveStatus
+    from .terminal import LiveStatus
 
     settings = _settings(request.config)
     status = LiveStatus(request.config, "ait-llm --ait-exec")
@@ -260,7 +259,7 @@ def compare_ops(request: pytest.FixtureRequest, ait_llm_session_dir: Path) -> Ca
         __tracebackhide__ = True
         from .api import run_compare
         from .errors import AitLlmError, ToleranceError
-        from .live_status import LiveStatus
+        from .terminal import LiveStatus
 
         where = f"@pytest.mark.{MARKER}" + (" / compare_ops() overrides" if tolerance_overrides else "")
         tolerance = _call(where, (ToleranceError,), _tolerance, node, tolerance_overrides)
@@ -340,24 +339,3 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         extras = pytest_html_extras(results, settings.html_report.parent, _safe_name(item.nodeid))
         report.extras = [*(getattr(report, "extras", None) or []), *extras]
     return report
-
-
-class _CsvSummary:
-    """The compared tests' CSV paths for the terminal summary. They travel in ``report.user_properties``, so
-    they also arrive from xdist workers (and land in junitxml)."""
-
-    def __init__(self) -> None:
-        self.rows: list[tuple[str, str, str]] = []
-
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if report.when == "call":
-            props = getattr(report, "user_properties", ())
-            csvs = [str(v) for k, v in props if k == CSV_PROPERTY]
-            verdicts = [str(v) for k, v in props if k == VERDICT_PROPERTY]
-            self.rows += [(report.nodeid, verdicts[i] if i < len(verdicts) else "", c) for i, c in enumerate(csvs)]
-
-    def pytest_terminal_summary(self, terminalreporter) -> None:
-        if self.rows:
-            terminalreporter.write_sep("-", "ait-llm per-op comparison reports (CSV)")
-            for nodeid, verdict, csv in self.rows:  # the comparison's verdict, not the test's outcome
-                terminalreporter.write_line(f"{(verdict or '?').upper():6} {nodeid}: {csv}")

@@ -1,5 +1,6 @@
-"""Live lines in pytest's terminal while a fixture works: ``--ait-exec``'s elapsed time and last output line (it
-may run for hours on an NPU), and the comparison's progress, as the CLI shows it.
+"""What the plugin writes to pytest's terminal: live lines while a fixture works (``--ait-exec``'s elapsed time
+and last output line: it may run for hours on an NPU; the comparison's progress, as the CLI shows it), and the
+summary of every comparison's CSV at the end.
 
 Output capture is suspended for each write (as pytest's live logging does), so the lines reach the terminal
 during the test, not in its captured output. On a terminal the line is rewritten in place; in a CI log a line is
@@ -8,10 +9,13 @@ terminal: nothing is written.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
 
+#: user_properties names under which each comparison's CSV path and verdict travel (xdist, junitxml).
+CSV_PROPERTY, VERDICT_PROPERTY = "ait_llm_csv", "ait_llm_verdict"
 #: Seconds between two progress lines when the output is not a terminal (a CI log keeps every line).
 LOG_EVERY_SECONDS = 60.0
 
@@ -51,8 +55,6 @@ class LiveStatus:
 
     def _suspended(self):
         if self._capture is None:
-            import contextlib
-
             return contextlib.nullcontext()
         return self._capture.global_and_fixture_disabled()
 
@@ -69,3 +71,24 @@ class LiveStatus:
         width = 30
         filled = width * done // max(total, 1)
         self._write(f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} tensor pairs", final=done >= total)
+
+
+class CsvSummary:
+    """The compared tests' CSV paths for the terminal summary. They travel in ``report.user_properties``, so
+    they also arrive from xdist workers (and land in junitxml)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str]] = []
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when == "call":
+            props = getattr(report, "user_properties", ())
+            csvs = [str(v) for k, v in props if k == CSV_PROPERTY]
+            verdicts = [str(v) for k, v in props if k == VERDICT_PROPERTY]
+            self.rows += [(report.nodeid, verdicts[i] if i < len(verdicts) else "", c) for i, c in enumerate(csvs)]
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if self.rows:
+            terminalreporter.write_sep("-", "ait-llm per-op comparison reports (CSV)")
+            for nodeid, verdict, csv in self.rows:  # the comparison's verdict, not the test's outcome
+                terminalreporter.write_line(f"{(verdict or '?').upper():6} {nodeid}: {csv}")
