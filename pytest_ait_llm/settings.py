@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from .errors import AitLlmError
-from .token_range import SYNTAX, parse_tokens
+from .token_range import parse_tokens
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ def _raw(config: pytest.Config, opt: Option) -> tuple[Any, str, Path]:
     return ini_value, where, base
 
 
-def _path(value: str, where: str, base: Path) -> Path:
+def _path(value: str, base: Path) -> Path:
     path = Path(os.path.expandvars(value)).expanduser()
     return path if path.is_absolute() else base / path
 
@@ -174,7 +174,7 @@ def read_settings(config: pytest.Config) -> Settings:
     for opt in OPTIONS:
         value, where, base = _raw(config, opt)
         if opt.is_path and value is not None:
-            path = _path(str(value), where, base)
+            path = _path(str(value), base)
             if opt.ini == "ait_output":
                 path = _output_dir(path, where, str(value))
             elif not path.exists():
@@ -200,8 +200,6 @@ def read_settings(config: pytest.Config) -> Settings:
         tokens = parse_tokens(range_value, range_where)
     except AitLlmError as err:
         raise pytest.UsageError(str(err)) from None
-    if tokens == ():
-        raise pytest.UsageError(f"{range_where}={range_value!r}: expected {SYNTAX}")
     worker = getattr(config, "workerinput", {}).get("workerid", "main")
     return Settings(
         exec=exec_value,
