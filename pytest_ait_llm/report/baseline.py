@@ -1,0 +1,232 @@
+"""The baseline file: the accepted per-op metrics of one comparison, as text a reviewer can diff.
+
+JSON, one op per line, ops in execution order, keys in a fixed order, every metric rounded to DIGITS significant
+digits (NaN as null, infinities as "inf"/"-inf"), so an unchanged port rewrites it byte for byte and a pull request
+shows the ops that moved. Metrics only, never tensors: a 12-layer model with two tokens is ~150 KB.
+
+Reading is strict: anything hand-edited wrongly or corrupt is a BaselineError naming the file and the entry;
+a bad baseline must never let a test pass. Writing is atomic (a unique temp file renamed over the target), so
+parallel pytest-xdist workers never leave or read a half-written file.
+"""
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from ..compare.metrics import METRICS
+from ..compare.regression import Baseline, BaselineError, BaselineOp, RegressionResult, baseline_from_result
+from ..formats.atomic import atomic_write_text
+
+FORMAT = "pytest-ait-llm baseline"
+FORMAT_VERSION = 1
+_OP_FIELDS = ("token", "rank", "order", "atb_op", "torch_module", "my_op_type", "golden_op_type", "golden_dtype",
+              "my_dtype", "shape", "metrics", "added", "bounds")
+#: Largest baseline file read (a real model with thousands of ops and many tokens stays far below).
+MAX_BYTES = 256 * 1024**2
+
+
+def _number(value: float) -> Any:
+    if math.isnan(value):
+        return None
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return value
+
+
+def _op_line(op: BaselineOp) -> str:
+    metrics = {k: _number(op.metrics[k]) for k in METRICS if k in op.metrics}
+    bounds = {k: _number(op.bounds[k]) for k in METRICS if k in op.bounds}
+    added = {k: _number(op.added[k]) for k in METRICS if k in op.added}
+    entry = {"token": op.token, "rank": op.rank, "order": op.order, "atb_op": op.atb_op,
+             "torch_module": op.torch_module, "my_op_type": op.my_op_type, "golden_op_type": op.golden_op_type,
+             "golden_dtype": op.golden_dtype, "my_dtype": op.my_dtype, "shape": op.shape,
+             "metrics": metrics, "added": added, "bounds": bounds}
+    return json.dumps(entry, ensure_ascii=False, allow_nan=False)
+
+
+def dumps(baseline: Baseline) -> str:
+    """The file's text: a header (format, package version, mode, tokens, ranks), then one op per line."""
+    head = {"format": FORMAT, "format_version": FORMAT_VERSION, "package_version": baseline.package_version,
+            "mode": baseline.mode, "tokens": baseline.tokens, "ranks": baseline.ranks}
+    header = "".join(f"  {json.dumps(k)}: {json.dumps(v)},\n" for k, v in head.items())
+    ops = ",\n".join(f"    {_op_line(op)}" for op in baseline.ops)
+    return "{\n" + header + '  "ops": [\n' + (ops + "\n" if ops else "") + "  ]\n}\n"
+
+
+def write_baseline(result: Any, path: str | Path) -> Path:
+    """Write the baseline that accepts ``result`` to ``path`` (atomically; parent dirs created)."""
+    from .. import __version__
+
+    return atomic_write_text(path, dumps(baseline_from_result(result, __version__)))
+
+
+# -------------------------------------------------------------------------------------------------- reading
+
+class _Entry:
+    """Typed access to one JSON object; every complaint names the file and the entry."""
+
+    def __init__(self, path: Path, where: str, obj: Any):
+        self.path, self.where = path, where
+        if not isinstance(obj, dict):
+            self.fail(f"expected an object, got {type(obj).__name__}")
+        self.obj = obj
+
+    def fail(self, problem: str):
+        raise BaselineError(f"{self.path}: {self.where}: {problem}")
+
+    def get(self, key: str, kind: type | tuple, what: str) -> Any:
+        if key not in self.obj:
+            self.fail(f"{key!r} is missing")
+        value = self.obj[key]
+        if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+            self.fail(f"{key}={value!r} is not {what}")
+        return value
+
+    def metrics(self, key: str) -> dict[str, float]:
+        raw = self.get(key, dict, "an object of {metric: value}")
+        out = {}
+        for name, value in raw.items():
+            if name not in METRICS:
+                self.fail(f"{key}: unknown metric {name!r} (known: {', '.join(METRICS)})")
+            if value is None:
+                out[name] = math.nan
+            elif value in ("inf", "-inf"):
+                out[name] = float(value)
+            elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+                self.fail(f"{key}[{name!r}]={value!r} is not a number (null for not computed, \"inf\"/\"-inf\")")
+            else:
+                out[name] = float(value)
+        return out
+
+
+def _parse_constant(name: str):
+    raise ValueError(f"{name} is not JSON (write null for a metric that was not computed)")
+
+
+def loads(text: str, path: str | Path) -> Baseline:
+    """Parse and validate a baseline file's text; BaselineError naming ``path`` and the entry at fault."""
+    p = Path(path)
+    try:
+        obj = json.loads(text, parse_constant=_parse_constant)
+    except json.JSONDecodeError as err:
+        raise BaselineError(f"{p}: not a baseline file: invalid JSON at line {err.lineno} column {err.colno}: "
+                            f"{err.msg}") from None
+    except ValueError as err:
+        raise BaselineError(f"{p}: not a baseline file: {err}") from None
+    head = _Entry(p, "header", obj)
+    if obj.get("format") != FORMAT:
+        head.fail(f"'format' is {obj.get('format')!r}, expected {FORMAT!r} (not a pytest-ait-llm baseline)")
+    version = head.get("format_version", int, "an integer")
+    if version != FORMAT_VERSION:
+        head.fail(f"format_version {version} is not supported (this package reads {FORMAT_VERSION})")
+    tokens = head.get("tokens", list, "a list of token ids")
+    ranks = head.get("ranks", list, "a list of rank names")
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        head.fail(f"tokens={tokens!r} is not a list of integers")
+    if not all(isinstance(r, str) for r in ranks):
+        head.fail(f"ranks={ranks!r} is not a list of strings")
+    ops, seen = [], {}
+    for i, raw in enumerate(head.get("ops", list, "a list of op entries")):
+        entry = _Entry(p, f"ops[{i}]", raw)
+        unknown = sorted(set(raw) - set(_OP_FIELDS))
+        if unknown:
+            entry.fail(f"unknown key {unknown[0]!r} (known: {', '.join(_OP_FIELDS)})")
+        shape = entry.get("shape", list, "a list of dimensions")
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            entry.fail(f"shape={shape!r} is not a list of dimensions")
+        op = BaselineOp(
+            token=entry.get("token", int, "an integer"), rank=entry.get("rank", str, "a string"),
+            order=entry.get("order", int, "an integer"), atb_op=entry.get("atb_op", str, "a string"),
+            torch_module=entry.get("torch_module", str, "a string"),
+            my_op_type=entry.get("my_op_type", str, "a string"),
+            golden_op_type=entry.get("golden_op_type", str, "a string"),
+            golden_dtype=entry.get("golden_dtype", str, "a string"), my_dtype=entry.get("my_dtype", str, "a string"),
+            shape=list(shape), metrics=entry.metrics("metrics"), added=entry.metrics("added"),
+            bounds=entry.metrics("bounds"))
+        entry.where = f"ops[{i}] ({op.where})"
+        if op.key in seen:
+            entry.fail(f"the same op as ops[{seen[op.key]}]")
+        seen[op.key] = i
+        ops.append(op)
+    return Baseline(ops=ops, package_version=str(obj.get("package_version", "")), mode=str(obj.get("mode", "")),
+                    tokens=list(tokens), ranks=list(ranks), path=str(p))
+
+
+def read_baseline(path: str | Path) -> Baseline:
+    """The baseline at ``path``; BaselineError (one line, naming the file) when it is missing or invalid."""
+    from ..formats.atomic import read_bounded
+
+    p = Path(path)
+    data = read_bounded(p, MAX_BYTES, what="baseline file", allow_symlinks=True, error=BaselineError)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BaselineError(f"{p}: not a baseline file: not UTF-8 text (byte {err.start})") from None
+    return loads(text, p)
+
+
+# ------------------------------------------------------------------------------------------- reports: CSV, HTML
+
+#: Appended after the CSV's other columns when a comparison was checked against a baseline.
+CSV_COLUMNS = ["baseline_cosine_similarity", "baseline_relative_euclidean_distance",
+               "delta_cosine_similarity", "delta_relative_euclidean_distance", "regressed", "regression"]
+
+
+def _cell(value: float) -> str:
+    return "" if value is None or math.isnan(value) else repr(float(value))
+
+
+def csv_columns(regression: RegressionResult):
+    """(column names, row -> cells) for ``csv_report.write_csv(..., extra_columns=...)``."""
+    by_row = regression.by_row()
+
+    def cells(row: Any) -> list[str]:
+        op = by_row.get(id(row))
+        if op is None:
+            new = row.status == "compared" and row.metrics is not None and row.token_id is not None
+            return ["", "", "", "", "", "new (not in the baseline)" if new else ""]
+        was = op.was.metrics
+        note = "first regression" if op.first else "following the first regression" if op.following else \
+            "can be tightened" if op.improved else ""
+        detail = "; ".join(str(c) for c in op.changes)
+        return [_cell(was.get("cosine_similarity", math.nan)), _cell(was.get("relative_euclidean_distance", math.nan)),
+                _cell(op.delta("cosine_similarity")), _cell(op.delta("relative_euclidean_distance")),
+                str(op.regressed), "; ".join(x for x in (note, detail) if x)]
+
+    return CSV_COLUMNS, cells
+
+
+def _fmt(value: float, digits: int) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.{digits}g}"
+
+
+def regression_table(regression: RegressionResult, n: int = 20) -> str:
+    """HTML: the was/now table of the regressed ops (first regression on top), and the other findings."""
+    regs = regression.regressions
+    summary = escape(regression.summary()).replace("\n", "<br>")
+    parts = [f'<div class="ait-llm-baseline"><p><b>baseline: {"FAILED" if not regression.passed else "passed"}</b>'
+             f"<br>{summary}</p>"]
+    if regs:
+        head = ("<tr><th>order</th><th>token</th><th>ATB op</th><th>torch module</th><th>metric</th><th>was</th>"
+                "<th>now</th><th>margin</th><th></th></tr>")
+        body = []
+        for op in regs[:n]:
+            for c in op.changes:
+                if c.kind != "regressed":
+                    continue
+                style = ' style="background:#fdd"' if op.first else ""
+                body.append(f"<tr{style}><td>{op.row.order}</td><td>{op.row.token_id}</td>"
+                            f"<td>{escape(op.row.atb_op)}</td><td>{escape(op.row.torch_module)}</td>"
+                            f"<td>{escape(c.metric)}</td><td>{_fmt(c.was, 6)}</td><td>{_fmt(c.now, 6)}</td>"
+                            f"<td>{escape(str(c.margin))}</td>"
+                            f"<td>{'<b>first regression</b>' if op.first else 'following'}</td></tr>")
+        more = f" (first {n} of {len(regs)})" if len(regs) > n else ""
+        parts.append('<table class="ait-llm-regressions" border="1" cellpadding="3" '
+                     f'style="border-collapse:collapse"><caption>regressed ops: was / now{more}</caption>'
+                     f"<thead>{head}</thead><tbody>{''.join(body)}</tbody></table>")
+    parts.append("</div>")
+    return "".join(parts)
