@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 import math
 import numbers
+from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 from typing import Any
 
 from ..compare.metrics import METRICS
-from ..compare.regression import Baseline, BaselineError, BaselineOp, RegressionResult, baseline_from_result
+from ..compare.regression import (Baseline, BaselineError, BaselineOp, RegressionResult, RegressionRules,
+                                  baseline_from_result, check_regression)
 from ..formats.atomic import atomic_write_text
 
 FORMAT = "pytest-ait-llm baseline"
@@ -230,3 +232,65 @@ def regression_table(regression: RegressionResult, n: int = 20) -> str:
                      f"<thead>{head}</thead><tbody>{''.join(body)}</tbody></table>")
     parts.append("</div>")
     return "".join(parts)
+
+
+# ------------------------------------------------------------------------------------ one check, for pytest and CLI
+
+@dataclass
+class BaselineOutcome:
+    """What checking one comparison against its baseline file came to."""
+
+    path: Path
+    regression: RegressionResult | None = None  # None when the baseline was (re)written instead of checked
+    written: str = ""  # "created" or "updated" when this run wrote the file
+    error: str = ""  # the baseline could not be read (one line naming the file and the entry)
+
+    @property
+    def passed(self) -> bool:
+        if self.error:
+            return False
+        if self.written:
+            return self.written == "updated"
+        return self.regression is not None and self.regression.passed
+
+    def message(self, accept_hint: str) -> str:
+        """Why the check failed, with how to accept the change (``accept_hint``: the flag that rewrites it)."""
+        if self.error:
+            return f"baseline error: {self.error}"
+        if self.written == "created":
+            return (f"no baseline yet: wrote {self.path} from this run; review it and commit it "
+                    f"(the next run is checked against it; {accept_hint} rewrites it)")
+        if self.regression is None or self.regression.passed:
+            return ""
+        return (f"worse than the accepted baseline {self.path}:\n{self.regression.summary()}\n"
+                f"if the change is intended, accept it: rerun with {accept_hint} and commit the baseline")
+
+
+def check_baseline(result: Any, path: str | Path, *, update: bool = False, rules: RegressionRules | None = None,
+                   output_dir: str | Path | None = None) -> BaselineOutcome:
+    """Check ``result`` against the baseline at ``path`` (or write it: ``update``, or no file yet), then write the
+    CSV report into ``output_dir`` with the baseline columns appended (when it was checked).
+
+    A run that breaches its tolerance is never written as a baseline. A corrupt baseline is reported in
+    ``error``, never passed; the CSV is written in every case.
+    """
+    from . import csv_report
+
+    p = Path(path)
+    outcome = BaselineOutcome(p)
+    exists = p.exists()
+    try:
+        if (update or not exists) and result.passed:
+            write_baseline(result, p)
+            outcome.written = "updated" if update else "created"
+        elif update or not exists:
+            outcome.error = (f"{p}: not written: this run breaches its tolerance, and a baseline only records "
+                             f"an accepted run")
+        else:
+            outcome.regression = check_regression(result, read_baseline(p), rules)
+    except BaselineError as err:
+        outcome.error = str(err)
+    if output_dir is not None:
+        extra = csv_columns(outcome.regression) if outcome.regression is not None else None
+        result.csv_path = csv_report.write_csv(result, output_dir, extra_columns=extra)
+    return outcome

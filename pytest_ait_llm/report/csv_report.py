@@ -102,17 +102,21 @@ def reserve_report_path(output_dir: str | Path, prefix: str = "ait_cmp_report_",
     raise OSError(f"{out}: no free report name for {prefix}{stamp}")
 
 
-def write_csv(result: CompareResult, output_dir: str | Path) -> Path:
-    """Write the report for ``result`` into ``output_dir`` and return its path."""
+def write_csv(result: CompareResult, output_dir: str | Path, extra_columns=None) -> Path:
+    """Write the report for ``result`` into ``output_dir`` and return its path.
+
+    ``extra_columns``: ``(names, row -> cells)`` appended after all other columns (the baseline's, see
+    report/baseline.py)."""
     path = reserve_report_path(output_dir)
     custom = custom_columns(result)
+    extra_names, extra_cells = extra_columns or ([], lambda row: [])
     fd, tmp = tempfile.mkstemp(prefix=".ait_cmp_report_", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
-            writer.writerow(AIT_COLUMNS + OUR_COLUMNS + custom)
+            writer.writerow(AIT_COLUMNS + OUR_COLUMNS + custom + list(extra_names))
             for row in result.rows:
-                writer.writerow(row_values(row, custom))
+                writer.writerow(row_values(row, custom) + list(extra_cells(row)))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
