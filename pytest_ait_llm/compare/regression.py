@@ -297,7 +297,8 @@ class OpRegression:
         return not self.regressed and any(c.kind == "improved" for c in self.changes)
 
     def delta(self, metric: str) -> float:
-        return self.row.metric(metric) - self.was.metrics.get(metric, math.nan)
+        """Now minus was, on the values as stored (an exact rerun gives 0.0)."""
+        return quantize(self.row.metric(metric)) - self.was.metrics.get(metric, math.nan)
 
 
 @dataclass

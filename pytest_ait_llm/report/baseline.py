@@ -134,6 +134,7 @@ def loads(text: str, path: str | Path) -> Baseline:
     ops, seen = [], {}
     for i, raw in enumerate(head.get("ops", list, "a list of op entries")):
         entry = _Entry(p, f"ops[{i}]", raw)
+        entry.where = f"ops[{i}] ({raw.get('atb_op', '?')} <-> {raw.get('torch_module', '?')}, token {raw.get('token', '?')})"
         unknown = sorted(set(raw) - set(_OP_FIELDS))
         if unknown:
             entry.fail(f"unknown key {unknown[0]!r} (known: {', '.join(_OP_FIELDS)})")
@@ -149,7 +150,6 @@ def loads(text: str, path: str | Path) -> Baseline:
             golden_dtype=entry.get("golden_dtype", str, "a string"), my_dtype=entry.get("my_dtype", str, "a string"),
             shape=list(shape), metrics=entry.metrics("metrics"), added=entry.metrics("added"),
             bounds=entry.metrics("bounds"))
-        entry.where = f"ops[{i}] ({op.where})"
         if op.key in seen:
             entry.fail(f"the same op as ops[{seen[op.key]}]")
         seen[op.key] = i
