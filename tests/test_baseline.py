@@ -26,6 +26,14 @@ from pytest_ait_llm.dump.torch_hooks import DumpConfig, register_hook
 from pytest_ait_llm.report import baseline as baseline_file
 from pytest_ait_llm.report.csv_report import AIT_COLUMNS
 
+import matplotlib.backends.backend_agg  # noqa: F401,E402
+import matplotlib.figure  # noqa: F401,E402
+import pytest_ait_llm.baseline_plugin  # noqa: F401,E402 - pytester's in-process runs must not import these anew
+import pytest_ait_llm.report.html  # noqa: F401,E402
+import pytest_ait_llm.report.plot  # noqa: F401,E402
+
+pytest_plugins = ["pytester"]
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "llama_port"
 CHANGED_OP = "7_LlamaLayer/0_RmsNormOperation"
 CHANGED_MODULE = "root.model.layers.6.input_layernorm"
@@ -282,3 +290,128 @@ def test_concurrent_writers_never_leave_or_show_a_half_written_baseline(accepted
         w.join(timeout=300)
         assert w.exitcode == 0
     assert [p.name for p in tmp_path.iterdir()] == ["shared.json"]  # no temp file left behind
+
+
+# -------------------------------------------------------------------------------------------------- in pytest
+
+PROJECT_TEST = '''
+import os
+import pytest
+
+GOLDEN, HEALTHY = {golden!r}, {healthy!r}
+MY = os.environ.get("MY_DUMP", HEALTHY)
+
+
+@pytest.mark.ait_baseline
+def test_port(compare_ops):
+    compare_ops(GOLDEN, MY)
+
+
+def test_port_without_baseline(compare_ops):
+    compare_ops(GOLDEN, MY)
+
+
+@pytest.mark.parametrize("variant", ["a", "b"])
+def test_port_variant(compare_ops, variant):
+    compare_ops(GOLDEN, MY, baseline=True)
+
+
+@pytest.mark.ait_baseline
+def test_port_opted_out(compare_ops):
+    compare_ops(GOLDEN, MY, baseline=False)
+'''
+
+
+@pytest.fixture
+def project(pytester, dumps, monkeypatch):
+    monkeypatch.delenv("MY_DUMP", raising=False)
+    pytester.makepyfile(test_port=PROJECT_TEST.format(golden=str(dumps["golden"]), healthy=str(dumps["healthy"])))
+    return pytester
+
+
+def run(pytester, *args):
+    return pytester.runpytest("-p", "no:cacheprovider", f"--op-mapping-file={EXAMPLE}", *args)
+
+
+def test_pytest_first_run_fails_naming_the_file_it_wrote_then_the_rerun_passes(project):
+    result = run(project)
+    result.assert_outcomes(passed=2, failed=3)
+    path = project.path / "ait_baselines" / "test_port" / "test_port.json"
+    result.stdout.fnmatch_lines([f"*no baseline yet: wrote {path} from this run; review it and commit it*"
+                                 "--ait-update-baseline rewrites it*"])
+    written = sorted(p.name for p in path.parent.iterdir())
+    assert written == ["test_port.json", "test_port_variant[a].json", "test_port_variant[b].json"]
+    run(project).assert_outcomes(passed=5)
+
+
+def test_pytest_names_the_drifted_op_first_and_update_accepts_it(project, dumps, monkeypatch):
+    run(project, "--ait-update-baseline").assert_outcomes(passed=5)
+    accepted = (project.path / "ait_baselines" / "test_port" / "test_port.json").read_text()
+    monkeypatch.setenv("MY_DUMP", str(dumps["half_percent"]))
+    html = project.path / "report.html"
+    result = run(project, "-k", "test_port and not variant and not opted", f"--html={html}")
+    result.assert_outcomes(passed=1, failed=1)  # the test without a baseline passes: inside every tolerance
+    result.stdout.fnmatch_lines([f"*first regression: {CHANGED_OP} <-> {CHANGED_MODULE} (token 0): "
+                                 "relative_euclidean_distance (added)*",
+                                 "*accept it: rerun with --ait-update-baseline and commit the baseline*"])
+    import html as html_mod
+
+    page = html_mod.unescape(html_mod.unescape(html.read_text()))
+    assert "regressed ops: was / now" in page and "first regression" in page
+    run(project, "-k", "test_port and not variant", "--ait-update-baseline").assert_outcomes(passed=3)
+    assert (project.path / "ait_baselines" / "test_port" / "test_port.json").read_text() != accepted
+    run(project, "-k", "test_port and not variant").assert_outcomes(passed=3)
+
+
+def test_pytest_baseline_dir_option_and_ini_key(project, tmp_path):
+    run(project, f"--ait-baseline-dir={tmp_path / 'opt'}", "--ait-update-baseline").assert_outcomes(passed=5)
+    assert (tmp_path / "opt" / "test_port" / "test_port_variant[b].json").is_file()
+    project.makeini(f"[pytest]\nait_baseline_dir = {tmp_path / 'ini'}\n")
+    run(project, "--ait-update-baseline", "-k", "test_port").assert_outcomes(passed=5)
+    assert (tmp_path / "ini" / "test_port" / "test_port.json").is_file()
+    assert not (project.path / "ait_baselines").exists()
+
+
+def test_pytest_corrupt_baseline_fails_the_test_in_one_line(project):
+    run(project, "--ait-update-baseline", "-k", "test_port and not variant").assert_outcomes(passed=3)
+    path = project.path / "ait_baselines" / "test_port" / "test_port.json"
+    path.write_text(path.read_text().replace('"token": 0', '"token": "zero"', 1))
+    result = run(project, "-k", "test_port and not variant")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines([f"*baseline error: {path}: ops[[]0[]] (0_GatherOperation <-> "
+                                 "root.model.embed_tokens, token zero): token='zero' is not an integer"])
+    assert "Traceback" not in result.stdout.str()
+
+
+def test_pytest_bad_margin_in_the_marker_is_a_one_line_failure(pytester, dumps):
+    pytester.makepyfile(test_bad=f'''
+import pytest
+
+@pytest.mark.ait_baseline(red="tight")
+def test_port(compare_ops):
+    compare_ops({str(dumps["golden"])!r}, {str(dumps["healthy"])!r})
+''')
+    result = run(pytester)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*@pytest.mark.ait_baseline on test_bad.py::test_port: red='tight': margins must "
+                                 "be finite numbers >= 0"])
+
+
+def test_pytest_xdist_workers_write_their_own_files_whole(pytester, dumps):
+    pytester.makepyfile(test_many=f'''
+import pytest
+
+@pytest.mark.ait_baseline
+@pytest.mark.parametrize("n", range(6))
+def test_port(compare_ops, n):
+    compare_ops({str(dumps["golden"])!r}, {str(dumps["healthy"])!r}, tokens=[n % 2])
+''')
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2", f"--op-mapping-file={EXAMPLE}",
+                                           "--ait-update-baseline")
+    result.assert_outcomes(passed=6)
+    folder = pytester.path / "ait_baselines" / "test_many"
+    files = sorted(folder.iterdir())
+    assert [p.name for p in files] == [f"test_port[{n}].json" for n in range(6)]  # no temp file left
+    for p in files:
+        n = int(p.name[len("test_port["):-len("].json")])
+        assert baseline_file.read_baseline(p).tokens == [n % 2]
