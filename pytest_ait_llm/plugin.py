@@ -497,7 +497,8 @@ def compare_ops(request: pytest.FixtureRequest, ait_llm_session_dir: Path) -> Ca
         node.stash.setdefault(_RESULTS, []).append((result, out))
         if result.csv_path is not None:
             node.user_properties.append((CSV_PROPERTY, str(result.csv_path)))
-        node.user_properties.append((VERDICT_PROPERTY, "ok" if result.passed else "breach"))
+        node.user_properties.append((VERDICT_PROPERTY, "breach" if not result.passed else
+                                     "baseline" if regression_failure else "ok"))
         if not result.passed or regression_failure:
             raise AssertionError("\n".join(m for m in (
                 "" if result.passed else result.failure_message(), regression_failure) if m))
