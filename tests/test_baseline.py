@@ -415,3 +415,23 @@ def test_port(compare_ops, n):
     for p in files:
         n = int(p.name[len("test_port["):-len("].json")])
         assert baseline_file.read_baseline(p).tokens == [n % 2]
+
+
+# ------------------------------------------------------------------------------------------- the example's baseline
+
+@pytest.mark.parametrize("variant, passes", [("healthy", True), ("subrounding", True), ("half_percent", False)])
+def test_example_committed_baseline_gates_the_recorded_dumps(variant, passes, dumps, tmp_path):
+    """test_healthy_port against examples/llama_port/ait_baselines as CI without an NPU runs it."""
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", str(EXAMPLE), f"--rootdir={EXAMPLE}", "-c", str(EXAMPLE / "pytest.ini"),
+         f"--ait-golden-path={dumps['golden']}", f"--ait-my-path={dumps[variant]}", f"--op-mapping-file={EXAMPLE}",
+         f"--ait-output={tmp_path}", "-k", "test_healthy_port", "-q"],
+        capture_output=True, text=True, timeout=600)
+    if passes:
+        assert proc.returncode == 0, proc.stdout[-3000:]
+    else:
+        assert proc.returncode == 1, proc.stdout[-3000:]
+        assert f"first regression: {CHANGED_OP} <-> {CHANGED_MODULE} (token 0)" in proc.stdout
+        assert "breach" not in proc.stdout.lower().replace("breaches: 0", "")
