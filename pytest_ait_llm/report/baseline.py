@@ -206,8 +206,9 @@ def _fmt(value: float, digits: int) -> str:
     return "–" if value is None or math.isnan(value) else f"{value:.{digits}g}"
 
 
-def regression_table(regression: RegressionResult, n: int = 20) -> str:
-    """HTML: the was/now table of the regressed ops (first regression on top), and the other findings."""
+def regression_table(regression: RegressionResult, n: int = 20, *, plot: bool = True) -> str:
+    """HTML: the was/now table of the regressed ops (first regression on top), the other findings, and (``plot``)
+    the added error of every op drawn over its baseline's."""
     regs = regression.regressions
     summary = escape(regression.summary()).replace("\n", "<br>")
     parts = [f'<div class="ait-llm-baseline"><p><b>baseline: {"FAILED" if not regression.passed else "passed"}</b>'
@@ -230,6 +231,8 @@ def regression_table(regression: RegressionResult, n: int = 20) -> str:
         parts.append('<table class="ait-llm-regressions" border="1" cellpadding="3" '
                      f'style="border-collapse:collapse"><caption>regressed ops: was / now{more}</caption>'
                      f"<thead>{head}</thead><tbody>{''.join(body)}</tbody></table>")
+    if plot:
+        parts.append(regression_plot_img(regression))
     parts.append("</div>")
     return "".join(parts)
 
@@ -294,3 +297,52 @@ def check_baseline(result: Any, path: str | Path, *, update: bool = False, rules
         extra = csv_columns(outcome.regression) if outcome.regression is not None else None
         result.csv_path = csv_report.write_csv(result, output_dir, extra_columns=extra)
     return outcome
+
+
+def regression_plot_img(regression: RegressionResult) -> str:
+    """An ``<img>`` (PNG data URI) of the added RED along execution order, now over the baseline's, regressed ops
+    in red and the first regression annotated; or a note saying why there is none (a report never fails a run)."""
+    try:
+        import base64
+        import io
+
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        return f"<p>no baseline plot: matplotlib is not installed ({escape(str(err))})</p>"
+    red = "relative_euclidean_distance"
+    ops = [o for o in regression.ops if red in o.was.added]
+    if not ops:
+        return ""
+    try:
+        from ..compare.regression import added_metrics
+
+        xs = range(len(ops))
+        was = [o.was.added[red] for o in ops]
+        now = [added_metrics(o.row).get(red, math.nan) for o in ops]
+        fig = Figure(figsize=(10, 3.4), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot(1, 1, 1)
+        ax.plot(xs, was, color="tab:gray", linestyle="--", linewidth=1, label="baseline (accepted)")
+        ax.plot(xs, now, color="tab:blue", marker="o", markersize=2, linewidth=1, label="this run")
+        bad = [i for i, o in enumerate(ops) if o.regressed]
+        if bad:
+            ax.scatter(bad, [now[i] for i in bad], s=36, color="red", zorder=3, label="regressed")
+        first = next((i for i, o in enumerate(ops) if o.first), None)
+        if first is not None:
+            ax.annotate(f"first regression:\n{ops[first].row.atb_op}", (first, now[first]),
+                        xytext=(0.55 if first < len(ops) / 2 else 0.05, 0.75), textcoords="axes fraction",
+                        fontsize=8, color="darkred", arrowprops={"arrowstyle": "->", "color": "darkred"},
+                        bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "darkred", "alpha": 0.9})
+        # linear: an op that adds no error (0) is common and a log axis would stretch the picture to show it
+        ax.set_xlabel("op pair, in execution order")
+        ax.set_ylabel("RED added by the op")
+        ax.set_title("relative euclidean distance each op adds: this run over its baseline", fontsize=10)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png")
+    except Exception as err:  # noqa: BLE001 - reporting must never break the run
+        return f"<p>no baseline plot: {escape(type(err).__name__)}: {escape(str(err))}</p>"
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return f'<img class="ait-llm-baseline-profile" alt="added error vs baseline" src="data:image/png;base64,{data}"/>'
