@@ -102,6 +102,15 @@ def test_first_run_writes_the_baseline_and_fails_naming_it(dumps, tmp_path, caps
     assert "no regression against the baseline" in out
 
 
+def test_a_run_that_breaches_its_tolerance_is_never_written_as_the_baseline(dumps, tmp_path, capsys):
+    path = tmp_path / "port.json"
+    code, out, _ = ait_llm(dumps, "healthy", tmp_path, "-t", "red=0.001", "--baseline", str(path),
+                           "--update-baseline", "--fail-on-breach", capsys=capsys)
+    assert code == 1
+    assert f"baseline {path} not written: this run breaches its tolerance" in out
+    assert not path.exists()
+
+
 def test_rerun_of_the_accepted_dumps_passes_and_rewrites_the_same_bytes(dumps, accepted, tmp_path, capsys):
     code, out, _ = ait_llm(dumps, "healthy", tmp_path, "--baseline", str(accepted), "--fail-on-breach",
                            capsys=capsys)

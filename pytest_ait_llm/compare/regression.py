@@ -206,6 +206,11 @@ class BaselineOp:
         return f"{self.atb_op or '-'} <-> {self.torch_module or '-'} (token {self.token})"
 
 
+def sort_key(op: BaselineOp) -> tuple:
+    """Execution order: token, then the op's completion order (the order of the file's lines)."""
+    return (op.token, op.order, op.rank, op.atb_op, op.torch_module)
+
+
 @dataclass
 class Baseline:
     """A comparison as accepted: metadata and one BaselineOp per compared pair, sorted in execution order."""
@@ -414,7 +419,7 @@ def check_regression(result: Any, baseline: Baseline, rules: RegressionRules | N
                 changes.append(change)
         ops.append(OpRegression(row, was, changes))
     missing = [op for op in baseline.ops if op.key not in seen]
-    _refuse_foreign(baseline, len(ops), len(rows))
+    _refuse_foreign(baseline, missing, len(ops), len(rows))
     regressed = [o for o in ops if o.regressed]
     if regressed:
         regressed[0].first = True
@@ -423,18 +428,14 @@ def check_regression(result: Any, baseline: Baseline, rules: RegressionRules | N
     return RegressionResult(ops=ops, new=new, missing=missing, baseline_path=baseline.path)
 
 
-def _refuse_foreign(baseline: Baseline, matched: int, compared: int) -> None:
+def _refuse_foreign(baseline: Baseline, missing: list[BaselineOp], matched: int, compared: int) -> None:
     """A baseline sharing under half of its ops with this run is another model's (or a wrong file): an error,
     since judging it would either pass on nothing or report every op as new."""
     if not baseline.ops or not compared:
         return
     if matched * 2 < min(len(baseline.ops), compared):
-        example = baseline.ops[0]
+        example = missing[0]
         raise BaselineError(f"{baseline.path or 'baseline'}: only {matched} of its {len(baseline.ops)} ops match the "
-                            f"{compared} ops of this run (e.g. ops[0] {example.where} is not in it): a baseline "
+                            f"{compared} ops of this run (e.g. ops[{baseline.ops.index(example)}] {example.where} "
+                            f"is not in it): a baseline "
                             f"of another model or comparison? Re-record it with --ait-update-baseline")
-
-
-def sort_key(op: BaselineOp) -> tuple:
-    return (op.token, op.order, op.rank, op.atb_op, op.torch_module)
-

@@ -247,10 +247,11 @@ class BaselineOutcome:
     regression: RegressionResult | None = None  # None when the baseline was (re)written instead of checked
     written: str = ""  # "created" or "updated" when this run wrote the file
     error: str = ""  # the baseline could not be read (one line naming the file and the entry)
+    refused: str = ""  # why this run was not written as the baseline
 
     @property
     def passed(self) -> bool:
-        if self.error:
+        if self.error or self.refused:
             return False
         if self.written:
             return self.written == "updated"
@@ -260,6 +261,8 @@ class BaselineOutcome:
         """Why the check failed, with how to accept the change (``accept_hint``: the flag that rewrites it)."""
         if self.error:
             return f"baseline error: {self.error}"
+        if self.refused:
+            return self.refused
         if self.written == "created":
             return (f"no baseline yet: wrote {self.path} from this run; review it and commit it "
                     f"(the next run is checked against it; {accept_hint} rewrites it)")
@@ -287,8 +290,8 @@ def check_baseline(result: Any, path: str | Path, *, update: bool = False, rules
             write_baseline(result, p)
             outcome.written = "updated" if update else "created"
         elif update or not exists:
-            outcome.error = (f"{p}: not written: this run breaches its tolerance, and a baseline only records "
-                             f"an accepted run")
+            outcome.refused = (f"baseline {p} not written: this run breaches its tolerance, and a baseline only "
+                               f"records an accepted run")
         else:
             outcome.regression = check_regression(result, read_baseline(p), rules)
     except BaselineError as err:
