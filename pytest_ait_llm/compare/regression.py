@@ -223,6 +223,17 @@ class Baseline:
     path: str = ""  # where it was read from (for messages)
 
 
+def metric_value(row: Any, name: str) -> float:
+    """One metric of a compared row (NaN when not computed)."""
+    values = getattr(row.metrics, "values", None) or {}
+    return float(values.get(name, math.nan))
+
+
+def where(row: Any) -> str:
+    """How a person names a row: ATB op path <-> torch module (token)."""
+    return f"{row.atb_op or '-'} <-> {row.torch_module or '-'} (token {row.token_id})"
+
+
 def _row_key(row: Any) -> tuple:
     return (row.token_id, rank_key(row.rank), row.atb_op, row.torch_module)
 
@@ -303,7 +314,7 @@ class OpRegression:
 
     def delta(self, metric: str) -> float:
         """Now minus was, on the values as stored (an exact rerun gives 0.0)."""
-        return quantize(self.row.metric(metric)) - self.was.metrics.get(metric, math.nan)
+        return quantize(metric_value(self.row, metric)) - self.was.metrics.get(metric, math.nan)
 
 
 @dataclass
@@ -340,23 +351,23 @@ class RegressionResult:
         lines = []
         first = self.first_regression
         if first is not None:
-            lines.append(f"first regression: {first.row.where}: "
+            lines.append(f"first regression: {where(first.row)}: "
                          + "; ".join(str(c) for c in first.changes if c.kind == "regressed"))
             following = len(self.regressions) - 1
             if following:
                 later = next(o for o in self.ops if o.following)
-                lines.append(f"then {following} later regressed op(s), marked as following it, e.g. {later.row.where}")
+                lines.append(f"then {following} later regressed op(s), marked as following it, e.g. {where(later.row)}")
         else:
             lines.append(f"no regression against the baseline ({len(self.ops)} ops checked)")
         if self.missing:
             lines.append(f"{len(self.missing)} baseline op(s) no longer compared, e.g. {self.missing[0].where}")
         if self.new:
             lines.append(f"{len(self.new)} op(s) not in the baseline (not gated until it is updated), "
-                         f"e.g. {self.new[0].where}")
+                         f"e.g. {where(self.new[0])}")
         if self.improvements:
             best = self.improvements[0]
             lines.append(f"{len(self.improvements)} op(s) better than the baseline beyond the margin: the baseline "
-                         f"can be tightened, e.g. {best.row.where}: "
+                         f"can be tightened, e.g. {where(best.row)}: "
                          + "; ".join(str(c) for c in best.changes if c.kind == "improved"))
         if self.baseline_path:
             lines.append(f"baseline: {self.baseline_path}")
@@ -414,7 +425,7 @@ def check_regression(result: Any, baseline: Baseline, rules: RegressionRules | N
             if name in was.added and name in added_now:
                 change = compare_metric(name, was.added[name], added_now[name], margin, added=True)
             else:
-                change = compare_metric(name, was.metrics.get(name, math.nan), row.metric(name), margin)
+                change = compare_metric(name, was.metrics.get(name, math.nan), metric_value(row, name), margin)
             if change is not None:
                 changes.append(change)
         ops.append(OpRegression(row, was, changes))
