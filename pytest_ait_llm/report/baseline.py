@@ -21,7 +21,7 @@ from typing import Any
 from ..compare.metrics import METRICS
 from ..compare.regression import (Baseline, BaselineError, BaselineOp, RegressionResult, RegressionRules,
                                   baseline_from_result, check_regression)
-from ..formats.atomic import atomic_write_text
+from ..formats.safe_io import atomic_write_text
 
 FORMAT = "pytest-ait-llm baseline"
 FORMAT_VERSION = 1
@@ -160,7 +160,7 @@ def loads(text: str, path: str | Path) -> Baseline:
 
 def read_baseline(path: str | Path) -> Baseline:
     """The baseline at ``path``; BaselineError (one line, naming the file) when it is missing or invalid."""
-    from ..formats.atomic import read_bounded
+    from ..formats.safe_io import read_bounded
 
     p = Path(path)
     data = read_bounded(p, MAX_BYTES, what="baseline file", allow_symlinks=True, error=BaselineError)
