@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 
 from ..formats.atb_topology import AtbOp, AtbTopology
 from ..formats.torch_layout import TorchModule
-from .rules import MappingRule, MappingTable, family_prefixes, torch_type_keys
+from .rules import MappingRule, MappingTable, family_prefixes, op_base_name, torch_type_keys
 
 ELEWISE_ADD = 8
 #: HF module types whose output is their computation *plus their residual input* (HF Bloom's dropout_add).
@@ -327,21 +327,25 @@ class _Scope:
         self.paired_torch.add(id(pair.module))
 
     def run(self) -> None:
-        by_rule: dict[int, list[AtbOp]] = {}
+        by_rule: dict[tuple, tuple[MappingRule, list[AtbOp]]] = {}  # rank -> the rule, its ATB candidates
+        ranked: dict[tuple[str, str], list] = {}  # ops of one type and base name ask the same
         for op in self.atb_ops:
-            for index in self.table.atb_rule_indices(op.op_type, op.op_name):
-                by_rule.setdefault(index, []).append(op)
+            key = (op.op_type, op_base_name(op.op_name))
+            if key not in ranked:
+                ranked[key] = self.table.ranked_rules_for_atb(*key)
+            for rank, rule in ranked[key]:
+                by_rule.setdefault(rank, (rule, []))[1].append(op)
         by_type: dict[str, list[TorchModule]] = {}
         for m in self.modules:
             for key in torch_type_keys(m.type, self.families):
                 by_type.setdefault(key, []).append(m)
         done: set[tuple] = set()
-        for index in sorted(by_rule):
-            rule = self.table.rules[index]
+        for rank in sorted(by_rule):
+            rule, candidates = by_rule[rank]
             if (rule.atb, rule.torch) in done:  # a rule given twice pairs nothing new
                 continue
             done.add((rule.atb, rule.torch))
-            atb = [op for op in by_rule[index] if id(op) not in self.paired_atb]
+            atb = [op for op in candidates if id(op) not in self.paired_atb]
             if not atb:
                 continue
             mods = [m for m in by_type.get(rule.torch.type, ()) if id(m) not in self.paired_torch]
