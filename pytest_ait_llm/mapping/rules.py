@@ -108,16 +108,16 @@ def parse_torch_side(text: str) -> Side:
 
 # (ATB key, torch values). The first two are the original built-in type table, the next four its built-in custom
 # table; the embedding rules are ours (ops outside the layers are paired too).
-_BUILTIN: dict[str, tuple[str, ...]] = {
-    "LayerNormOperation": ("LayerNorm",),
-    "LinearOperation": ("Linear",),
-    "CommonLayer_outtensor0": ("GLMBlock_output_0", "BloomBlock_output_0"),
-    "MlpGateLayerV2": ("BloomMLP", "MLP"),
-    "RmsNormOperation": ("RMSNorm",),
-    "SelfAttentionOperation": ("CoreAttention",),
-    "GatherOperation": ("Embedding",),
-    "WordEmbedding": ("Embedding",),
-}
+_BUILTIN: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("LayerNormOperation", ("LayerNorm",)),
+    ("LinearOperation", ("Linear",)),
+    ("CommonLayer_outtensor0", ("GLMBlock_output_0", "BloomBlock_output_0")),
+    ("MlpGateLayerV2", ("BloomMLP", "MLP")),
+    ("RmsNormOperation", ("RMSNorm",)),
+    ("SelfAttentionOperation", ("CoreAttention",)),
+    ("GatherOperation", ("Embedding",)),
+    ("WordEmbedding", ("Embedding",)),
+)
 
 Rank = tuple[int, int, int]  # (file, key, value) positions: a rule's precedence, lowest first
 _SCANS = 32  # keys of one file located by a scan before all are indexed (see RuleFile.position)
@@ -168,8 +168,8 @@ class RuleFile:
 
     def position(self, key: str) -> int:
         """The key's position in the file: its precedence among this file's keys. Found by a scan (in C) for the
-        first keys asked; past :data:`_SCANS`, all positions at once (a dict of every key costs a quarter of a
-        200k-rule file's parse, which few models' op types need)."""
+        first keys asked; past :data:`_SCANS`, all positions at once (a dict of every key is a large part of a big
+        file's load, and a model's op types ask for few keys)."""
         known = self._positions
         if key not in known:
             if len(known) < _SCANS:
@@ -181,7 +181,8 @@ class RuleFile:
     def rules_of(self, key: str) -> list[MappingRule]:
         values = self.entries[key]
         atb = parse_atb_side(key)
-        return [MappingRule(atb, parse_torch_side(v), self.source) for v in ((values,) if isinstance(values, str) else values)]
+        values = (values,) if isinstance(values, str) else values
+        return [MappingRule(atb, parse_torch_side(v), self.source) for v in values]
 
     def keys_for_atb(self, names: Iterable[str]) -> list[str]:
         """The keys whose ATB type ends one of ``names``, in file order: a look-up per suffix, not a scan."""
@@ -203,7 +204,7 @@ class MappingTable:
 
     @classmethod
     def builtin(cls) -> MappingTable:
-        return cls((RuleFile.of(dict(_BUILTIN), "builtin", sum(len(v) for v in _BUILTIN.values())),))
+        return cls((RuleFile.of(dict(_BUILTIN), "builtin", sum(len(values) for _, values in _BUILTIN)),))
 
     def merged(self, user_rules: RuleFile) -> MappingTable:
         return MappingTable((user_rules,) + self.files)
