@@ -194,14 +194,18 @@ def test_fault_inside_the_mlp_is_the_first_divergence(faulty_result):
     assert np.isclose(first.metric("relative_euclidean_distance"), 0.05, atol=0.005)
 
 
-def test_fault_in_the_residual_add_after_the_mlp_does_not_blame_the_mlp(golden, model, tmp_path):
+def test_fault_in_the_residual_add_after_the_mlp_is_named_in_the_mlp_row(golden, model, tmp_path):
     # Bloom7BFlashAttentionModel_internal_3 is what layer 1's second residual add (3_BloomLayer/8_ElewiseOperation)
     # writes; its consumers read the faulty value too
     root, _ = write_mirror(golden, model, tmp_path, faults={"Bloom7BFlashAttentionModel_internal_3": 1.05})
     result = run_compare(golden, root, write_csv=False)
-    assert _row(result, "root.transformer.h.1.mlp.dense_4h_to_h").passed  # the MLP computed the right thing
-    first = result.first_divergence
-    # the MLP pair reads that add's output; today's engine takes a graph op whose output is a part's and whose
-    # parts pass for a mapping question, so the layer output (the same tensor) is named
-    assert first is not None and first.torch_module == "root.transformer.h.1"
-    assert _row(result, "root.transformer.h.1.mlp").status == SUSPECT
+    assert _row(result, "root.transformer.h.1.mlp.dense_4h_to_h").passed  # the down projection is right
+    # the value BloomMLP returns is that add's output, which no part of MlpGateLayerV2 writes: a divergence, not a
+    # mapping question, and the first one (the layer output, the same tensor, comes after)
+    mlp = _row(result, "root.transformer.h.1.mlp")
+    assert mlp.status == "compared" and mlp.first_divergence, mlp
+    assert Path(mlp.my_path).parts[-3] == "8_ElewiseOperation"
+    assert np.isclose(mlp.metric("relative_euclidean_distance"), 0.05, atol=0.005)
+    layer = _row(result, "root.transformer.h.1")
+    assert layer.breached and layer.propagated
+    assert SUSPECT not in {r.status for r in result.rows}

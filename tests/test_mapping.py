@@ -55,12 +55,39 @@ def test_user_mapping_file_merges_over_builtins_without_mutating_them(tmp_path):
     ('{"LinearOperation": []}', "'LinearOperation'"),
     ('["LinearOperation"]', "top level"),
     ('{"LinearOperation": ', "invalid JSON"),
+    ('{"LinearOperation": "Lin\\near"}', "'Lin\\near'"),  # one value holding a newline, not two names
+    ('{"": "Linear"}', "key ''"),
+    ('{"Lin\u00e9ar": "Linear"}', "'Lin\u00e9ar'"),
+    ('{"LinearOperation": ["Linear", 3]}', "value 3 of key 'LinearOperation'"),
+    ('{"LinearOperation": ["Linear", ""]}', "value '' of key 'LinearOperation'"),
+    ('{"A": "B", "LinearOperation": {"x": "Linear"}}', "'LinearOperation'"),
 ])
 def test_invalid_mapping_file_is_an_error_naming_the_key(tmp_path, content, named):
     (tmp_path / "op_mapping_file.json").write_text(content)
     with pytest.raises(MappingError) as err:
         load_mapping_file(tmp_path)
     assert named in str(err.value) and "op_mapping_file.json" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_mapping_file_with_list_values_and_precedence_in_file_order(tmp_path):
+    """Keys of one file that match one op apply in file order, however many there are (the first positions are
+    found by a scan, the rest through an index of every key)."""
+    name = "A" * 40
+    keys = [name[k:] for k in (5, 1, 30, 12)] + [name[k:] for k in range(40) if k not in (5, 1, 30, 12)]
+    entries = {key: [f"M{i}", f"N{i}"] if i % 2 else f"M{i}" for i, key in enumerate(keys)}
+    entries["LinearOperation"] = "MyLinear"
+    (tmp_path / "op_mapping_file.json").write_text(json.dumps(entries))
+    table = mapping_table(tmp_path)
+    assert len(table) == len(MappingTable.builtin()) + 40 + 20 + 1
+    expected = [(key, v) for i, key in enumerate(keys) for v in ([f"M{i}", f"N{i}"] if i % 2 else [f"M{i}"])]
+    assert [(r.atb.type, r.torch.type) for r in table.rules_for_atb(name, name + "_3")] == expected
+    # the user's rule comes before the built-in one of the same type
+    assert [str(r.torch) for r in table.rules_for_atb("LinearOperation")] == ["MyLinear", "Linear"]
+
+
+def test_empty_mapping_file_leaves_the_builtins(tmp_path):
+    (tmp_path / "op_mapping_file.json").write_text("{}")
+    assert mapping_table(tmp_path).rules == MappingTable.builtin().rules
 
 
 def test_missing_mapping_file_is_an_error(tmp_path):
@@ -273,7 +300,7 @@ def test_200k_rule_mapping_file_pairs_as_the_rules_say(tmp_path):
     bench = _bench()
     bench.huge_mapping_file(tmp_path)
     table = mapping_table(tmp_path)
-    assert len(table.rules) == 200_000 + len(MappingTable.builtin().rules)
+    assert len(table) == 200_000 + len(MappingTable.builtin().rules)
     text, tree, compatible = bench.linear_layer(400)
     pairing = pair_ops(parse_topology(json.loads(text)), tree, table, compatible)
     (layer,) = [p for p in pairing.pairs if p.atb.op_name == "MoeLayer_1"]
@@ -288,7 +315,7 @@ def test_rule_types_match_whole_names_or_behind_the_model_family():
     table = MappingTable.builtin()
     families = family_prefixes(["LlamaForCausalLM", "LlamaDecoderLayer"])
     assert families == {"Llama"}
-    matched = lambda module_type: {str(table.rules[i].atb) for i in table.torch_rule_indices(module_type, families)}
+    matched = lambda module_type: {str(rule.atb) for rule in table.rules_for_torch(module_type, families)}
     assert matched("Embedding") == {"GatherOperation", "WordEmbedding"}
     assert matched("LlamaRotaryEmbedding") == set() and matched("RotaryEmbedding") == set()
     assert matched("LlamaMLP") == {"MlpGateLayerV2"} and matched("LlamaRMSNorm") == {"RmsNormOperation"}

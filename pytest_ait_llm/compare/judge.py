@@ -38,9 +38,11 @@ def build_result(plan: Plan, results: Sequence, options: CompareOptions, read_in
             if res.metrics is None:
                 row.passed = False
         task_rows.append(row)
+    source = _container_sources(plan)
     for task, res, row in zip(plan.tasks, results, task_rows):
         if row.status == COMPARED and row.metrics is not None:
-            row.input_metrics = _input_metrics(res, results, options, read_input_error)
+            inputs_of = results[source[task.index]] if task.index in source else res
+            row.input_metrics = _input_metrics(inputs_of, results, options, read_input_error)
             _verdict(row, tolerance)
     for graph in plan.graphs:
         _judge_unpaired_regions(graph.topology, graph.pair_of_task, task_rows)
@@ -49,6 +51,21 @@ def build_result(plan: Plan, results: Sequence, options: CompareOptions, read_in
     _mark_divergence(rows, plan.checked)
     return CompareResult(rows, plan.unpaired, tolerance, tokens=plan.tokens, golden_root=golden_root,
                          my_root=my_root)
+
+
+def _container_sources(plan: Plan) -> dict[int, int]:
+    """Task index of a container's pair (``OpPair.same_as``) -> that of the pair it is the same quantity as, for
+    the same token and output: the container's row takes that row's input error (its own inputs are not the op's).
+    None found (that task skipped): no input error, the row is judged on its output alone."""
+    out: dict[int, int] = {}
+    for graph in plan.graphs:
+        task_of = {(id(pair), plan.tasks[i].row.token_id, plan.tasks[i].row.data_id): i
+                   for i, pair in graph.pair_of_task.items() if pair.same_as is None}
+        for i, pair in graph.pair_of_task.items():
+            row = plan.tasks[i].row
+            if pair.same_as is not None and (id(pair.same_as), row.token_id, row.data_id) in task_of:
+                out[i] = task_of[(id(pair.same_as), row.token_id, row.data_id)]
+    return out
 
 
 def _input_metrics(res, results: Sequence, options: CompareOptions, read_input_error: Callable):
@@ -162,7 +179,9 @@ def _upstream(op: AtbOp, producer: dict[str, AtbOp], paired: dict[int, list]) ->
 
 
 def _row_key(row: Row):
-    return (row.token_id if row.token_id is not None else -1, row.rank, row.order, row.data_id, row.torch_module)
+    # one op's rows (a container's and its child's) tie on order: innermost module first, so it is named first
+    return (row.token_id if row.token_id is not None else -1, row.rank, row.order, row.data_id,
+            -row.torch_module.count("."), row.torch_module)
 
 
 def _mark_divergence(rows: list[Row], checked: set[tuple[str, str]]) -> None:

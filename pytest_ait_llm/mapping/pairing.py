@@ -13,7 +13,7 @@ The original zipped same-type ops per layer and skipped a type silently when the
     is paired with the residual add found by dataflow: the Elewise add that consumes the output of the module's ATB
     computation and a tensor that computation was derived from (its residual input);
   - a container with no ATB op of its own whose output is its last child's (``GPTNeoXMLP``) is the same quantity
-    as that child: listed so, or (``containers=True``) paired with the child's op too, a row per module;
+    as that child: paired with the child's op too, a row per module, marked as the same quantity (``same_as``);
   - when a rule's candidates nest (ChatGLM2's ``Embedding`` wrapper around ``word_embeddings``, both
     ``Embedding``), the op is aligned with the innermost, and the wrapper is paired as the container of it;
 - every ATB op and every torch module ends in the result: paired, or unpaired with the reason.
@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 
 from ..formats.atb_topology import AtbOp, AtbTopology
 from ..formats.torch_layout import TorchModule
-from .rules import MappingRule, MappingTable, family_prefixes, torch_type_keys
+from .rules import MappingRule, MappingTable, family_prefixes, op_base_name, torch_type_keys
 
 ELEWISE_ADD = 8
 #: HF module types whose output is their computation *plus their residual input* (HF Bloom's dropout_add).
@@ -51,6 +51,9 @@ class OpPair:
     torch_stem: str | None = None  # a specific torch file stem ("output_0") or None for all outputs
     output_op: AtbOp | None = None  # op whose files hold the outputs (the bias add when folded); None = atb
     note: str = ""
+    #: for a container's pair: the pair whose output this one's is (the innermost non-container pair). Its inputs
+    #: are that op's, not the container's, so a comparer takes its input error from that pair's row
+    same_as: OpPair | None = field(default=None, repr=False, compare=False)
 
     @property
     def files_op(self) -> AtbOp:
@@ -324,21 +327,25 @@ class _Scope:
         self.paired_torch.add(id(pair.module))
 
     def run(self) -> None:
-        by_rule: dict[int, list[AtbOp]] = {}
+        by_rule: dict[tuple, tuple[MappingRule, list[AtbOp]]] = {}  # rank -> the rule, its ATB candidates
+        ranked: dict[tuple[str, str], list] = {}  # ops of one type and base name ask the same
         for op in self.atb_ops:
-            for index in self.table.atb_rule_indices(op.op_type, op.op_name):
-                by_rule.setdefault(index, []).append(op)
+            key = (op.op_type, op_base_name(op.op_name))
+            if key not in ranked:
+                ranked[key] = self.table.ranked_rules_for_atb(*key)
+            for rank, rule in ranked[key]:
+                by_rule.setdefault(rank, (rule, []))[1].append(op)
         by_type: dict[str, list[TorchModule]] = {}
         for m in self.modules:
             for key in torch_type_keys(m.type, self.families):
                 by_type.setdefault(key, []).append(m)
         done: set[tuple] = set()
-        for index in sorted(by_rule):
-            rule = self.table.rules[index]
+        for rank in sorted(by_rule):
+            rule, candidates = by_rule[rank]
             if (rule.atb, rule.torch) in done:  # a rule given twice pairs nothing new
                 continue
             done.add((rule.atb, rule.torch))
-            atb = [op for op in by_rule[index] if id(op) not in self.paired_atb]
+            atb = [op for op in candidates if id(op) not in self.paired_atb]
             if not atb:
                 continue
             mods = [m for m in by_type.get(rule.torch.type, ()) if id(m) not in self.paired_torch]
@@ -443,8 +450,8 @@ class _Scope:
 
     def pair_containers(self, skip: set[int], emit: bool) -> None:
         """Each unpaired module with children whose last child is paired returns that child's output
-        (``GPTNeoXMLP``): with ``emit``, pair it with the child's op too; else say so in its unpaired reason.
-        Children first, so nested containers chain."""
+        (``GPTNeoXMLP``): with ``emit``, pair it with the child's op too (``same_as`` the child's pair); else say
+        so in its unpaired reason. Children first, so nested containers chain."""
         pair_of = self._pair_of()
         for m in sorted(self.modules, key=lambda m: -m.order):
             if (id(m) in self.paired_torch or not m.children or id(m) in skip or m.type in RESIDUAL_INCLUSIVE):
@@ -455,7 +462,7 @@ class _Scope:
                 continue
             note = f"{SAME_QUANTITY} {last.name}: {m.type} returns its last child's output"
             pair = OpPair(child.atb, m, f"{m.type} returns {last.name.rsplit('.', 1)[-1]}'s output",
-                          child.atb_stem, "output_0", child.output_op, note)
+                          child.atb_stem, "output_0", child.output_op, note, child.same_as or child)
             if self.compatible(pair) is False:
                 self.notes.setdefault(id(m), f"its output's shape differs from that of its last child {last.name}")
                 continue
@@ -472,13 +479,13 @@ def _other(add: AtbOp, tensor: str) -> str:
 
 
 def pair_ops(topology: AtbTopology, tree: TorchModule, table: MappingTable,
-             compatible: Compatible | None = None, *, containers: bool = False) -> Pairing:
+             compatible: Compatible | None = None, *, containers: bool = True) -> Pairing:
     """Pair every ATB op of ``topology`` with the torch modules of ``tree`` (see the module docstring).
 
-    ``containers``: also pair each container with its last child's op (a second pair of that op, its note starting
-    with :data:`SAME_QUANTITY`). Off by default (the container is then listed as compared in its child's row): such
-    a pair's ATB inputs are the child's, not the container's, so a comparer must not match the container's inputs
-    against them, and must name the child's pair, not the container's, when that op diverges first.
+    ``containers``: pair each container with its last child's op too (a second pair of that op, its note starting
+    with :data:`SAME_QUANTITY`, its ``same_as`` the child's pair); False lists the container as unpaired, compared
+    in its child's row. Such a pair's ATB inputs are the child's, not the container's: the comparer takes the
+    child row's input error and names the child's row first when that op diverges (compare/judge.py).
     """
     compatible = compatible or (lambda pair: None)
     order = completion_order(topology)

@@ -14,7 +14,9 @@ Types are matched whole, with two documented patterns and no substrings (``Embed
 - torch side: a module whose type is the value, or the value behind the model's family prefix: ``MLP`` matches
   ``LlamaMLP`` in a Llama (family ``Llama``, from ``LlamaForCausalLM``/``LlamaDecoderLayer``, see
   :func:`family_prefixes`); ``Embedding`` matches ``Embedding`` but never ``LlamaRotaryEmbedding``.
-Rules are indexed by type, so matching costs a few dictionary look-ups per op, whatever the number of rules.
+Rules are indexed by type, so matching costs a few dictionary look-ups per op, whatever the number of rules; a
+file's rules are kept as its validated JSON object (:class:`RuleFile`) and only those of the types that occur are
+expanded into :class:`MappingRule` (a 200k-rule file is one parse and one validation pass, not 600k objects).
 
 The built-in table is immutable; a user's file is merged over it into a new :class:`MappingTable` (the original
 wrote user entries into a module-level dict that leaked across calls).
@@ -23,10 +25,10 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Iterable, NamedTuple
 from pathlib import Path
+from typing import Iterable, Iterator, NamedTuple
 
 from ..errors import MappingError
 from ..formats.safe_io import max_json_bytes, read_bounded
@@ -35,13 +37,12 @@ MAPPING_FILE_NAME = "op_mapping_file.json"
 
 _ATB_STEM = re.compile(r"^(?P<type>.+?)_(?P<stem>(?:out|in)tensor\d+)$")
 _TORCH_STEM = re.compile(r"^(?P<type>.+?)_(?P<stem>(?:output|input)(?:_\d+)*)$")
-_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+_NAME = re.compile(r"[A-Za-z0-9_]+")
+_NAME_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_"
 
 
 class Side(NamedTuple):
-    """One side of a rule: a type name (matched as the module docstring says) and optionally the file stem.
-
-    A named tuple (as is :class:`MappingRule`): a mapping file of 200k rules builds 600k of them."""
+    """One side of a rule: a type name (matched as the module docstring says) and optionally the file stem."""
 
     type: str
     stem: str | None = None
@@ -118,70 +119,136 @@ _BUILTIN: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("WordEmbedding", ("Embedding",)),
 )
 
+Rank = tuple[int, int, int]  # (file, key, value) positions: a rule's precedence, lowest first
+_SCANS = 32  # keys of one file located by a scan before all are indexed (see RuleFile.position)
 
-def _rules(entries, source: str) -> tuple[MappingRule, ...]:
-    torch_sides: dict[str, Side] = {}  # values repeat ("Linear" for many keys): parse each once
-    out = []
-    for key, values in entries:
+
+@dataclass(frozen=True, eq=False)
+class RuleFile:
+    """The validated rules of one mapping file (or of the built-ins): its JSON object, indexed by ATB type.
+
+    ``entries`` maps each key to its value(s) as written (a string or a tuple of strings), in file order. A key
+    without a stem is its own ATB type, so the object itself is the index; only the keys with a stem
+    (``Type_outtensorN``, few) get an index by type. A :class:`MappingRule` is built only for the keys an op asks for.
+    """
+
+    source: str
+    entries: dict[str, str | tuple[str, ...]]
+    count: int  # number of rules (values)
+    stemmed: dict[str, tuple[str, ...]] = field(default_factory=dict)  # ATB type -> its keys with a stem
+
+    @classmethod
+    def of(cls, entries: dict[str, str | tuple[str, ...]], source: str, count: int) -> RuleFile:
+        stemmed: dict[str, list[str]] = {}
+        for key in [k for k in entries if "tensor" in k]:
+            side = parse_atb_side(key)
+            if side.stem is not None:
+                stemmed.setdefault(side.type, []).append(key)
+        return cls(source, entries, count, {t: tuple(keys) for t, keys in stemmed.items()})
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RuleFile) and (self.source, self.entries) == (other.source, other.entries)
+
+    __hash__ = None  # its dicts are not hashable
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[MappingRule]:
+        for key in self.entries:
+            yield from self.rules_of(key)
+
+    @cached_property
+    def _keys(self) -> list[str]:
+        return list(self.entries)
+
+    @cached_property
+    def _positions(self) -> dict[str, int]:  # filled as keys are asked (few of a big file's keys ever are)
+        return {}
+
+    def position(self, key: str) -> int:
+        """The key's position in the file: its precedence among this file's keys. Found by a scan (in C) for the
+        first keys asked; past :data:`_SCANS`, all positions at once (a dict of every key is a large part of a big
+        file's load, and a model's op types ask for few keys)."""
+        known = self._positions
+        if key not in known:
+            if len(known) < _SCANS:
+                known[key] = self._keys.index(key)
+            else:
+                known.update(zip(self._keys, range(len(self._keys))))
+        return known[key]
+
+    def rules_of(self, key: str) -> list[MappingRule]:
+        values = self.entries[key]
         atb = parse_atb_side(key)
-        for value in values:
-            side = torch_sides.get(value)
-            if side is None:
-                side = torch_sides[value] = parse_torch_side(value)
-            out.append(MappingRule(atb, side, source))
-    return tuple(out)
+        values = (values,) if isinstance(values, str) else values
+        return [MappingRule(atb, parse_torch_side(v), self.source) for v in values]
+
+    def keys_for_atb(self, names: Iterable[str]) -> list[str]:
+        """The keys whose ATB type ends one of ``names``, in file order: a look-up per suffix, not a scan."""
+        found: set[str] = set()
+        for name in names:
+            for start in range(len(name)):
+                suffix = name[start:]
+                if suffix in self.entries and ("tensor" not in suffix or parse_atb_side(suffix).stem is None):
+                    found.add(suffix)  # a key without a stem is its type
+                found.update(self.stemmed.get(suffix, ()))
+        return sorted(found, key=self.position)
 
 
 @dataclass(frozen=True)
 class MappingTable:
-    """An ordered, immutable list of rules: user rules first (they win), then the built-ins."""
+    """The rule files in precedence order: the user's first (its rules win), then the built-ins. Immutable."""
 
-    rules: tuple[MappingRule, ...]
+    files: tuple[RuleFile, ...]
 
     @classmethod
     def builtin(cls) -> MappingTable:
-        return cls(_rules(_BUILTIN, "builtin"))
+        return cls((RuleFile.of(dict(_BUILTIN), "builtin", sum(len(values) for _, values in _BUILTIN)),))
 
-    def merged(self, user_rules: tuple[MappingRule, ...]) -> MappingTable:
-        return MappingTable(tuple(user_rules) + self.rules)
+    def merged(self, user_rules: RuleFile) -> MappingTable:
+        return MappingTable((user_rules,) + self.files)
 
-    @cached_property
-    def _by_atb_type(self) -> dict[str, list[int]]:
-        index: dict[str, list[int]] = {}
-        for i, rule in enumerate(self.rules):
-            index.setdefault(rule.atb.type, []).append(i)
-        return index
+    def __len__(self) -> int:
+        return sum(len(f) for f in self.files)
 
     @cached_property
-    def _by_torch_type(self) -> dict[str, list[int]]:
-        index: dict[str, list[int]] = {}
-        for i, rule in enumerate(self.rules):
-            index.setdefault(rule.torch.type, []).append(i)
-        return index
+    def rules(self) -> tuple[MappingRule, ...]:
+        """Every rule in precedence order. Builds them all: for diagnostics and tests, pairing never asks."""
+        return tuple(rule for f in self.files for rule in f)
 
-    def atb_rule_indices(self, op_type: str, op_name: str = "") -> list[int]:
-        """Positions (in precedence order) of the rules whose ATB side matches: look-ups of every suffix of the
-        op's type and base name, not a scan of the rules."""
-        found: set[int] = set()
-        for name in {op_type, op_base_name(op_name)}:
-            for start in range(len(name)):
-                found.update(self._by_atb_type.get(name[start:], ()))
-        return sorted(found)
-
-    def torch_rule_indices(self, module_type: str, families: Iterable[str] = ()) -> set[int]:
-        """Positions of the rules whose torch side matches ``module_type``."""
-        return {i for key in torch_type_keys(module_type, families) for i in self._by_torch_type.get(key, ())}
+    def ranked_rules_for_atb(self, op_type: str, op_name: str = "") -> list[tuple[Rank, MappingRule]]:
+        """The rules whose ATB side matches the op, each with its rank (lower wins), in precedence order: look-ups
+        of every suffix of the op's type and base name in each file's index."""
+        names = {op_type, op_base_name(op_name)} - {""}
+        out = []
+        for i, rule_file in enumerate(self.files):
+            for key in rule_file.keys_for_atb(names):
+                k = rule_file.position(key)
+                out.extend(((i, k, v), rule) for v, rule in enumerate(rule_file.rules_of(key)))
+        return out
 
     def rules_for_atb(self, op_type: str, op_name: str = "") -> list[MappingRule]:
-        return [self.rules[i] for i in self.atb_rule_indices(op_type, op_name)]
+        return [rule for _, rule in self.ranked_rules_for_atb(op_type, op_name)]
+
+    def rules_for_torch(self, module_type: str, families: Iterable[str] = ()) -> list[MappingRule]:
+        """The rules whose torch side matches ``module_type`` (a scan of every rule: for diagnostics and tests)."""
+        return [rule for rule in self.rules if rule.matches_torch(module_type, families)]
 
 
-def _validated_entries(obj, path: Path):
+def _validated_entries(obj, path: Path) -> tuple[dict[str, str | tuple[str, ...]], int]:
+    """(key -> value(s), number of rules) of a parsed mapping file.
+
+    A file whose every value is one name (the usual, and the 200k-rule case) is checked in one pass in C and kept
+    as parsed; otherwise each key is checked and its list kept as a tuple. An error names the key or value."""
     if not isinstance(obj, dict):
         raise MappingError(f"{path}: top level must be a JSON object of ATB op type -> torch module type(s)")
-    entries = []
+    if obj and _all_names([*obj, *obj.values()]):
+        return obj, len(obj)
+    entries: dict[str, str | tuple[str, ...]] = {}
+    count = 0
     for key, value in obj.items():
-        if not isinstance(key, str) or not _NAME.fullmatch(key):
+        if not _NAME.fullmatch(key):
             raise MappingError(f"{path}: key {key!r} must be letters, digits and '_' only")
         values = [value] if isinstance(value, str) else value
         if not isinstance(values, list) or not values:
@@ -189,11 +256,24 @@ def _validated_entries(obj, path: Path):
         for v in values:
             if not isinstance(v, str) or not _NAME.fullmatch(v):
                 raise MappingError(f"{path}: value {v!r} of key {key!r} must be letters, digits and '_' only")
-        entries.append((key, tuple(values)))
-    return entries
+        entries[key] = value if isinstance(value, str) else tuple(values)
+        count += len(values)
+    return entries, count
 
 
-def load_mapping_file(path_or_dir: str | Path) -> tuple[MappingRule, ...]:
+def _all_names(names: list) -> bool:
+    """Whether every item is a non-empty string of letters, digits and '_': one pass in C over them joined by
+    newlines, which must leave exactly the newlines once the allowed bytes are deleted."""
+    try:
+        joined = "\n".join(names)
+    except TypeError:  # a value that is not a string (a list: checked key by key)
+        return False
+    empty = "\n\n" in joined or joined.startswith("\n") or joined.endswith("\n") or not joined
+    return (not empty and joined.isascii()
+            and joined.encode().translate(None, _NAME_BYTES) == b"\n" * (len(names) - 1))
+
+
+def load_mapping_file(path_or_dir: str | Path) -> RuleFile:
     """The rules of a user's ``op_mapping_file.json`` (a directory holding it, or the file itself).
 
     Values may be a string or a list of strings (the original iterated a string character by character).
@@ -219,7 +299,8 @@ def load_mapping_file(path_or_dir: str | Path) -> tuple[MappingRule, ...]:
         raise MappingError(f"{path}: JSON nested too deeply") from None
     except ValueError as exc:  # e.g. an integer literal of more than 4300 digits
         raise MappingError(f"{path}: invalid JSON ({exc})") from None
-    return _rules(_validated_entries(obj, path), str(path))
+    entries, count = _validated_entries(obj, path)
+    return RuleFile.of(entries, str(path), count)
 
 
 class _DuplicateKey(Exception):
