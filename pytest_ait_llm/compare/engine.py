@@ -18,10 +18,10 @@ from ..errors import AitLlmError
 from ..formats.atb_bin import read_bin, read_bin_header
 from ..formats.atomic import as_path
 from ..formats.dtypes import ACL_DTYPES
-from ..formats.atb_layout import AtbDump, AtbRank, open_atb_dump, op_files
-from ..formats.torch_layout import TorchDump, load_torch_tensor, open_torch_dump
+from ..formats.atb_layout import AtbDump, AtbRank, op_files
+from ..formats.torch_layout import TorchDump, load_torch_tensor
 from ..formats.atb_topology import AtbOp
-from ..mapping.pairing import OpPair, completion_order, is_weight, pair_ops
+from ..mapping.pairing import OpPair, Unpaired, completion_order, is_weight, pair_ops
 from ..mapping.rules import mapping_table
 from .metrics import compare_tensors, shapes_compatible, similarity
 from .result import COMPARED, SKIPPED, SUSPECT, UNPAIRED, CompareResult, Row
@@ -127,7 +127,7 @@ _FLOAT = ("float32", "float16", "bfloat16", "float64")
 
 def _primary_inputs(files: list[Path]) -> list[Path]:
     """The module's activation inputs: its positional inputs, else its ``hidden_states`` keyword input."""
-    positional = [f for f in files if re.fullmatch(r"input(_\d+)*", _stem(f))]
+    positional = [f for f in files if re.fullmatch(r"input(_\d+)*|intensor\d+", _stem(f))]  # intensor: an ATB golden
     return positional or [f for f in files if _stem(f) == "input_hidden_states"]
 
 
@@ -267,9 +267,9 @@ class Engine:
     def __init__(self, golden: TorchDump, my: AtbDump, *, mapping_dir=None, tolerance: Tolerance | None = None,
                  tokens: Sequence[int] | None = None, workers: int | None = None, custom_metrics=(),
                  max_bin_bytes: int | None = None, progress: Progress | None = None,
-                 ranks: Sequence[str | int] | None = None):
+                 ranks: Sequence[str | int] | None = None, same_kind: bool = False):
         self.golden, self.my = golden, my
-        self.table = mapping_table(mapping_dir)
+        self.table = mapping_table(None if same_kind else mapping_dir)
         self.tolerance = tolerance or Tolerance()
         self.tokens = tokens
         self.ranks = None if ranks is None else {str(r) for r in ranks if r is not None} or None
@@ -280,12 +280,16 @@ class Engine:
         self.progress = progress
         self._listed: dict[tuple, object] = {}  # folder listings of this run: pairing, tasks and links share them
         self._speculate = True  # see _compatible_for
+        self.same_kind = same_kind
+        self.mapping_note = (f"op mapping file {mapping_dir} ignored: two dumps of one kind pair by identity"
+                             if same_kind and mapping_dir else "")
+        self.notes: list[str] = []
         self._assumed: list[tuple] = []
 
     def _op_files(self, token_dir: Path, op: AtbOp):
         key = ("atb", str(token_dir), op.rel_dir)
         if key not in self._listed:
-            self._listed[key] = op_files(token_dir, op)
+            self._listed[key] = getattr(self.my, "op_files", op_files)(token_dir, op)  # a torch dump as my: sides.py
         return self._listed[key]
 
     def _module_files(self, token: int, name: str):
@@ -382,7 +386,7 @@ class Engine:
             if not common:
                 continue
             all_tokens.update(common)
-            pairing = pair_ops(topology, self.golden.tree, self.table, self._compatible_for(rank, common[0]))
+            pairing = self._pair(topology, rank, common[0])
             unpaired_all.extend(pairing.unpaired)
             checked.update((rank_name, rel) for rel in output_checked_by_a_part(pairing.pairs))
             for u in pairing.unpaired:
@@ -414,7 +418,39 @@ class Engine:
         rows.sort(key=_row_key)
         _mark_divergence(rows, checked)
         return CompareResult(rows, unpaired_all, self.tolerance, tokens=sorted(all_tokens),
-                             golden_root=str(self.golden.root), my_root=str(self.my.root))
+                             golden_root=str(self.golden.root), my_root=str(self.my.root), notes=list(self.notes))
+
+    def _pair(self, topology, rank, token: int):
+        """The mapping table's pairing for torch vs ATB; pairing by identity for two dumps of one kind."""
+        if self.same_kind:
+            from .sides import same_kind_pairing
+
+            pairing, same = same_kind_pairing(self.golden, rank, self._shape_for(rank, token), self.mapping_note)
+            self.notes.extend(n for n in same.notes if n not in self.notes)
+            # a module list is in the tree but never called: nothing to compare on either side, nothing wrong
+            empty = [p for p in pairing.pairs if not self._module_files(token, p.module.name).outputs
+                     and not self._op_files(rank.token_dirs[token], p.atb).outputs]
+            for p in empty:
+                pairing.pairs.remove(p)
+                pairing.unpaired.append(Unpaired("atb", p.atb.rel_dir, p.atb.op_type,
+                                                 "no output dumped on either side (a container never called)", p.atb))
+            return pairing
+        return pair_ops(topology, self.golden.tree, self.table, self._compatible_for(rank, token))
+
+    def _shape_for(self, rank, token: int):
+        """Output shape of an op/module of side "a" (golden) or "b" (my), for aligning graphs that differ."""
+        golden_units = getattr(self.golden, "unit", lambda u: u)
+        my_units = getattr(rank, "unit", lambda u: u)
+
+        def shape_of(side: str, unit):
+            if side == "a":
+                files = self._module_files(token, golden_units(unit).name).outputs
+                meta = self.golden_opts.meta(files[0]) if files else None
+            else:
+                files = self._op_files(rank.token_dirs[token], my_units(unit)).outputs
+                meta = self.my_opts.meta(files[0]) if files else None
+            return meta[0] if meta else None
+        return shape_of
 
     def _tasks(self, pair: OpPair, token: int, token_dir: Path, rank_name: str, order: int) -> list[_Task]:
         golden_files = self._module_files(token, pair.module.name)
@@ -672,9 +708,18 @@ def compare_dumps(golden, my, *, mapping_dir=None, tolerance: Tolerance | None =
     ``golden``/``my`` are dump handles or paths (a dump root, a rank/pid dir, or a token dir). ``allow_symlinks``
     applies to paths (None: the AIT_LLM_ALLOW_SYMLINKS environment variable decides).
     """
-    golden_dump = golden if isinstance(golden, TorchDump) else open_torch_dump(golden, allow_symlinks=allow_symlinks)
-    my_dump = my if isinstance(my, AtbDump) else open_atb_dump(my, allow_symlinks=allow_symlinks)
+    from ..formats.detect import open_dump
+    from .sides import check_tokens, golden_side, my_side
+
+    golden_dump, my_dump = open_dump(golden, allow_symlinks=allow_symlinks), open_dump(my, allow_symlinks=allow_symlinks)
+    same_kind = isinstance(golden_dump, AtbDump) or isinstance(my_dump, TorchDump)  # either kind on either side
+    if same_kind:
+        if isinstance(golden_dump, AtbDump) != isinstance(my_dump, AtbDump):
+            raise AitLlmError(f"A ({golden_dump.root}) is an ATB dump and B ({my_dump.root}) a torch dump: "
+                              "pass the torch dump first (-gp) and the ATB dump second (-mp)")
+        golden_dump, my_dump = golden_side(golden_dump), my_side(my_dump)
+        check_tokens(golden_dump, my_dump, tokens)
     engine = Engine(golden_dump, my_dump, mapping_dir=mapping_dir, tolerance=tolerance, tokens=tokens,
                     workers=workers, custom_metrics=custom_metrics, max_bin_bytes=max_bin_bytes, progress=progress,
-                    ranks=ranks)
+                    ranks=ranks, same_kind=same_kind)
     return engine.run()

@@ -69,6 +69,7 @@ class CompareResult:
     golden_root: str = ""
     my_root: str = ""
     tokens: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # run-level remarks, e.g. a mapping file that was not needed
 
     @property
     def compared(self) -> list[Row]:
@@ -110,6 +111,7 @@ class CompareResult:
             for r in worst:
                 lines.append(f"  {r.metric('relative_euclidean_distance'):.3g}  {r.metric('cosine_similarity'):.6f}  {r.where}"
                              + ("  BREACH" if r.breached else ""))
+        lines.extend(f"note: {n}" for n in self.notes)
         if self.csv_path:
             lines.append(f"report: {self.csv_path}")
         return "\n".join(lines)

@@ -1,0 +1,195 @@
+"""Either kind of dump on either side of a comparison: the "side" the engine reads.
+
+The engine reads a golden side as a torch dump (modules by name, ``module_files(token, name)``) and a my side as
+an ATB dump (ranks, each with a topology and token dirs, files per op). To compare ATB with ATB or torch with
+torch, an ATB dump on the golden side is shown to the engine as modules named by op path, and a torch dump on the
+my side as a rank whose "topology" is its module tree. The pairs come from :mod:`..mapping.identity`, so the engine
+itself does not care which kinds it compares; the CSV's golden columns then describe side A, whatever it is.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable
+
+from ..errors import LayoutError
+from ..formats.atb_layout import AtbDump, AtbRank, op_files
+from ..formats.atb_topology import AtbOp, AtbTopology
+from ..formats.detect import ATB, TORCH, dump_kind
+from ..formats.files import OpFiles
+from ..formats.torch_layout import TorchDump, TorchModule
+from ..mapping.identity import SamePairing, pair_same_kind
+from ..mapping.pairing import OpPair, Pairing, Unpaired, is_weight
+
+_PRIMARY_INPUT = re.compile(r"input(_\d+)*|input_hidden_states")
+
+
+class AtbGolden:
+    """An ATB dump (one rank of it) on the golden side: each op is a "module" named by its op path."""
+
+    kind = ATB
+
+    def __init__(self, dump: AtbDump, rank: AtbRank | None = None):
+        self.dump = dump
+        self.rank = rank or dump.ranks[0]
+        self.root = dump.root
+        self.allow_symlinks = dump.allow_symlinks
+        self.native = self.rank.topology()  # LayoutError naming the dump when its topology is missing
+        self.token_dirs = self.rank.token_dirs
+        self._ops: dict[str, AtbOp] = {}
+        self._units: dict[int, TorchModule] = {}
+        for op in self.native.walk():
+            self._ops[op.rel_dir] = op
+            self._units[id(op)] = TorchModule(name=op.rel_dir, type=op.op_type, order=op.order, depth=op.depth)
+        self.tree = None  # the mapping table's pairing never sees this side
+
+    @property
+    def tokens(self) -> list[int]:
+        return sorted(self.token_dirs)
+
+    def unit(self, op: AtbOp) -> TorchModule:
+        return self._units[id(op)]
+
+    def op_of(self, name: str) -> AtbOp | None:
+        return self._ops.get(name)
+
+    def module_files(self, token: int, name: str) -> OpFiles:
+        """The op's files; its inputs without the weights (an op's inputs are matched to the other side's by
+        shape, and a weight must not stand in for an activation)."""
+        op = self._ops.get(name)
+        if op is None or token not in self.token_dirs:
+            return OpFiles()
+        files = op_files(self.token_dirs[token], op)
+        inputs = [f for f in files.inputs if not is_weight(_name_of(f, op.in_tensors))]
+        return OpFiles(inputs=inputs, outputs=files.outputs)
+
+
+class TorchRank:
+    """A torch dump on the my side, as the one rank the engine walks: its topology is the module tree."""
+
+    def __init__(self, dump: TorchDump):
+        self.dump = dump
+        self.path = dump.root
+        self.device_id = 0
+        self.pid = 0
+        self.token_dirs = dump.token_dirs
+        self.native = dump.tree
+        self._units: dict[int, AtbOp] = {}
+        self._by_dir = {str(d): t for t, d in dump.token_dirs.items()}
+        tops = [self._op(dump.tree, None)]
+        self._topology = AtbTopology(model_name=dump.tree.name, ops=tops)
+
+    def _op(self, module: TorchModule, parent: AtbOp | None) -> AtbOp:
+        op = AtbOp(op_name=module.name, op_type=module.type, parent=parent, rel_dir=module.name,
+                   order=module.order, depth=module.depth)
+        self._units[id(module)] = op
+        op.children = [self._op(c, op) for c in module.children]
+        return op
+
+    @property
+    def tokens(self) -> list[int]:
+        return sorted(self.token_dirs)
+
+    def topology(self) -> AtbTopology:
+        return self._topology
+
+    def unit(self, module: TorchModule) -> AtbOp:
+        return self._units[id(module)]
+
+    def op_files(self, token_dir: Path, op: AtbOp) -> OpFiles:
+        token = self._by_dir.get(str(token_dir))
+        if token is None:
+            return OpFiles()
+        files = self.dump.module_files(token, op.rel_dir)
+        # the activation inputs only: keyword inputs such as masks and rotary tables would be matched by shape
+        inputs = [f for f in files.inputs if _PRIMARY_INPUT.fullmatch(Path(f).stem)]
+        return OpFiles(inputs=inputs, outputs=files.outputs)
+
+
+class TorchMy:
+    """A torch dump on the my side: the engine's ``my`` (root, ranks, allow_symlinks)."""
+
+    kind = TORCH
+
+    def __init__(self, dump: TorchDump):
+        self.dump = dump
+        self.root = dump.root
+        self.allow_symlinks = dump.allow_symlinks
+        self.ranks = [TorchRank(dump)]
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.dump.tokens
+
+    def op_files(self, token_dir: Path, op: AtbOp) -> OpFiles:
+        return self.ranks[0].op_files(token_dir, op)
+
+
+def _name_of(path: Path, names) -> str:
+    digits = "".join(ch for ch in Path(path).stem if ch.isdigit())
+    k = int(digits) if digits else -1
+    return names[k] if 0 <= k < len(names) else ""
+
+
+# ------------------------------------------------------------------------------------------------------- sides
+
+def golden_side(dump):
+    """The golden side the engine reads, for a dump of either kind."""
+    return AtbGolden(dump) if dump_kind(dump) == ATB else dump
+
+
+def my_side(dump):
+    return TorchMy(dump) if dump_kind(dump) == TORCH else dump
+
+
+def native_root(side, rank=None):
+    """The tree a side's ops come from: an AtbTopology or a TorchModule tree."""
+    if isinstance(side, AtbGolden):
+        return side.native
+    if isinstance(side, TorchDump):
+        return side.tree
+    if isinstance(rank, TorchRank):
+        return rank.native
+    return rank.topology()
+
+
+def _golden_unit(side, native):
+    return side.unit(native) if isinstance(side, AtbGolden) else native
+
+
+def _my_unit(rank, native):
+    return rank.unit(native) if isinstance(rank, TorchRank) else native
+
+
+def same_kind_pairing(golden, rank, shape_of: Callable[[str, object], object] | None = None,
+                      mapping_note: str = "") -> tuple[Pairing, SamePairing]:
+    """Pair a golden side with one rank of a my side of the same kind, by identity (mapping/identity.py), as
+    the engine's Pairing (pairs of my-side op and golden-side module; unpaired "atb" = my side, "torch" = golden)."""
+    same = pair_same_kind(native_root(golden), native_root(None, rank), shape_of=shape_of)
+    if mapping_note:
+        same.notes.append(mapping_note)
+    pairs = [OpPair(_my_unit(rank, p.b), _golden_unit(golden, p.a), p.how, note=p.note) for p in same.pairs]
+    unpaired = []
+    for left in same.leftovers:
+        if left.side == "a":
+            unit = _golden_unit(golden, left.unit)
+            unpaired.append(Unpaired("torch", unit.name, unit.type, left.reason, unit))
+        else:
+            op = _my_unit(rank, left.unit)
+            unpaired.append(Unpaired("atb", op.rel_dir, op.op_type, left.reason, op))
+    return Pairing(pairs, unpaired, [], []), same
+
+
+def check_tokens(golden, my, tokens=None) -> None:
+    """Two dumps with no token in common (after ``tokens``) cannot be compared at all: one line saying so."""
+    g = set(golden.tokens)
+    m = set(my.tokens) if not hasattr(my, "ranks") else {t for r in my.ranks for t in r.token_dirs}
+    wanted = set(tokens) if tokens is not None else g | m
+    if g and m and not (g & m & wanted):
+        raise LayoutError(f"no token in common: A ({golden.root}) has tokens {_ids(g)}, B ({my.root}) has "
+                          f"{_ids(m)}" + (f", asked for {_ids(wanted)}" if tokens is not None else ""))
+
+
+def _ids(ids) -> str:
+    ids = sorted(ids)
+    return "[" + ", ".join(map(str, ids[:12])) + (", ...]" if len(ids) > 12 else "]")
