@@ -24,6 +24,7 @@ from ..formats.atb_topology import AtbOp
 from ..mapping.pairing import OpPair, Unpaired, completion_order, is_weight, pair_ops
 from ..mapping.rules import mapping_table
 from .metrics import compare_tensors, shapes_compatible, similarity
+from .exact import exact_difference
 from .result import COMPARED, SKIPPED, SUSPECT, UNPAIRED, CompareResult, Row
 from .tolerance import Breach, Tolerance, default_bounds, effective_metrics, judge
 
@@ -479,6 +480,9 @@ class Engine:
             golden = self.golden_opts.load(task.golden)
             my = self.my_opts.load(task.my)
             row.metrics = compare_tensors(golden, my, custom_metrics=self.custom_metrics)
+            exact = exact_difference(golden, my)  # integer tensors: how many elements differ, not how close
+            if exact is not None:
+                row.extra.update(exact)
             if task.sampled:  # its pages were just read: the sample costs no I/O here
                 row.output_sample = (sample_digest(golden), sample_digest(my))
         except AitLlmError as exc:
@@ -722,4 +726,10 @@ def compare_dumps(golden, my, *, mapping_dir=None, tolerance: Tolerance | None =
     engine = Engine(golden_dump, my_dump, mapping_dir=mapping_dir, tolerance=tolerance, tokens=tokens,
                     workers=workers, custom_metrics=custom_metrics, max_bin_bytes=max_bin_bytes, progress=progress,
                     ranks=ranks, same_kind=same_kind)
-    return engine.run()
+    result = engine.run()
+    from .output_check import check_outputs  # the logits and greedy tokens, judged beside the ops
+
+    result.output = check_outputs(getattr(golden_dump, "dump", golden_dump), getattr(my_dump, "dump", my_dump),
+                                  result.tokens, engine.tolerance.output_bounds(),
+                                  engine.tolerance.output.get("logits"))
+    return result

@@ -38,6 +38,7 @@ class Row:
     propagated: bool = False
     reason: str = ""  # cmp_fail_reason: why metrics are missing, or why the op is unpaired/skipped
     note: str = ""
+    extra: dict = field(default_factory=dict)  # exact integer comparison (compare/exact.py), output-check values
 
     @property
     def breached(self) -> bool:
@@ -70,6 +71,7 @@ class CompareResult:
     my_root: str = ""
     tokens: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # run-level remarks, e.g. a mapping file that was not needed
+    output: Any = None  # compare.output_check.OutputCheck: logits and greedy tokens, judged beside the ops
 
     @property
     def compared(self) -> list[Row]:
@@ -82,7 +84,11 @@ class CompareResult:
     @property
     def passed(self) -> bool:
         """No breach, and something was compared: a comparison of nothing never passes silently."""
-        return bool(self.compared) and not self.breaches
+        return bool(self.compared) and not self.breaches and self.output_passed is not False
+
+    @property
+    def output_passed(self) -> bool | None:
+        return None if self.output is None else self.output.passed
 
     @property
     def first_divergence(self) -> Row | None:
@@ -97,7 +103,8 @@ class CompareResult:
 
     def summary(self) -> str:
         compared = self.compared
-        lines = [
+        lines = self.output.lines() if self.output is not None else []
+        lines += [
             f"pairs compared: {len(compared)} over {len(self.tokens)} token(s); "
             f"breaches: {len(self.breaches)}; unpaired ops: {sum(1 for u in self.unpaired if u.side == 'atb')} ATB, "
             f"{sum(1 for u in self.unpaired if u.side == 'torch')} torch",
@@ -117,6 +124,15 @@ class CompareResult:
         return "\n".join(lines)
 
     def failure_message(self) -> str:
+        first = self.first_divergence
+        head = self.output.lines() if self.output_passed is False else []
+        if head and first is None:
+            return "\n".join(head + ([f"report: {self.csv_path}"] if self.csv_path else []))
+        if head:
+            return "\n".join(head) + "\n" + self._op_failure_message()
+        return self._op_failure_message()
+
+    def _op_failure_message(self) -> str:
         first = self.first_divergence
         if first is None and not self.compared:
             reasons = sorted({r.reason for r in self.rows if r.status == UNPAIRED and r.token_id is not None

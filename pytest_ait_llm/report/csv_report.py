@@ -28,6 +28,10 @@ OUR_COLUMNS = [
     "effective_cosine_similarity", "effective_relative_euclidean_distance",
     "golden_nan_count", "golden_inf_count", "my_nan_count", "my_inf_count", "mapping_rule", "note",
 ]
+#: Appended after ours: the exact comparison of integer tensors, and the output check's per-step values (its rows
+#: come first, status "output_check"). Values live in Row.extra.
+EXTRA_COLUMNS = ["differing_elements", "differing_share", "max_abs_difference",
+                 "top1_agreement", "topk_overlap", "logits_kl", "golden_token", "my_token"]
 
 
 def _num(x) -> str:
@@ -63,13 +67,14 @@ def row_values(row: Row, custom_names: list[str]) -> list[str]:
         row.reason,
         row.golden_op_type, row.my_op_type, row.torch_module, row.atb_op, row.atb_op_name, row.rank,
         "" if row.order < 0 else str(row.order), row.status,
-        _flag(row.passed) if row.status == "compared" else "",
+        _flag(row.passed) if row.status in ("compared", "output_check") else "",
         str(row.first_divergence), str(row.propagated), "; ".join(str(b) for b in row.breaches),
         _num(inputs.get("cosine_similarity")), _num(inputs.get("relative_euclidean_distance")),
         _num(row.effective.get("cosine_similarity")), _num(row.effective.get("relative_euclidean_distance")),
         _num(g_stats.nan_count) if g_stats else "", _num(g_stats.inf_count) if g_stats else "",
         _num(m_stats.nan_count) if m_stats else "", _num(m_stats.inf_count) if m_stats else "",
         row.rule, row.note,
+        *[_num(row.extra.get(name)) for name in EXTRA_COLUMNS],
     ]
     custom = m.custom if m is not None else {}
     values.extend(_num(custom.get(name)) if not isinstance(custom.get(name), str) else custom[name]
@@ -110,8 +115,8 @@ def write_csv(result: CompareResult, output_dir: str | Path) -> Path:
     try:
         with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
-            writer.writerow(AIT_COLUMNS + OUR_COLUMNS + custom)
-            for row in result.rows:
+            writer.writerow(AIT_COLUMNS + OUR_COLUMNS + EXTRA_COLUMNS + custom)
+            for row in _rows(result):
                 writer.writerow(row_values(row, custom))
         os.replace(tmp, path)
     except BaseException:
@@ -126,4 +131,26 @@ def dataframe(result: CompareResult):
     import pandas as pd
 
     custom = custom_columns(result)
-    return pd.DataFrame([row_values(row, custom) for row in result.rows], columns=AIT_COLUMNS + OUR_COLUMNS + custom)
+    return pd.DataFrame([row_values(row, custom) for row in _rows(result)],
+                        columns=AIT_COLUMNS + OUR_COLUMNS + EXTRA_COLUMNS + custom)
+
+
+def _rows(result: CompareResult) -> list[Row]:
+    """The output check's rows (one per step) first, then the op rows."""
+    output = getattr(result, "output", None)
+    return (output_rows(output) if output is not None else []) + list(result.rows)
+
+
+def output_rows(output) -> list[Row]:
+    """One row per step of an output check (compare/output_check.py), status "output_check"."""
+    rows = []
+    for s in output.steps:
+        row = Row(s.token, 0, -1, atb_op=output.b_source, torch_module=output.a_source, golden_path=s.a_path,
+                  my_path=s.b_path, status="output_check", rule="output check")
+        row.passed = s.same_token and not any(b.startswith(f"step {s.token}:") for b in output.breaches)
+        row.reason = ("greedy token differs" if not s.same_token else "") + (
+            "; ".join(b for b in output.breaches if b.startswith(f"step {s.token}:")))
+        row.extra = {"top1_agreement": s.top1, "topk_overlap": s.topk, "logits_kl": s.logits_kl,
+                     "golden_token": s.a_token, "my_token": s.b_token}
+        rows.append(row)
+    return rows

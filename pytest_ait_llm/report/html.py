@@ -114,6 +114,9 @@ def report_fragment(result: Any, *, png_path: str | Path | None = None, csv_href
                     n: int = 10) -> str:
     """The HTML a report shows for one comparison: summary line, CSV link, worst-ops table, error plot."""
     parts = [f'<div class="ait-llm"><p><b>{escape(_summary_line(result))}</b></p>']
+    output = getattr(result, "output", None)  # the output check (logits, greedy tokens) comes first
+    if output is not None and output.lines():
+        parts.append(f'<pre class="ait-llm-output">{escape(chr(10).join(output.lines()))}</pre>')
     if csv_href:
         parts.append(f'<p>per-op CSV: <a href="{escape(csv_href)}">{escape(Path(csv_href).name)}</a></p>')
     parts.append(worst_ops_table(result, n))
