@@ -381,7 +381,7 @@ class Engine:
             wanted = set(self.tokens) if self.tokens is not None else g_tokens | m_tokens
             common = sorted(g_tokens & m_tokens & wanted)
             for t in sorted((g_tokens ^ m_tokens) & wanted):
-                side = "torch" if t in g_tokens else "ATB"
+                side = ("A" if t in g_tokens else "B") if self.same_kind else ("torch" if t in g_tokens else "ATB")
                 rows.append(Row(t, 0, -1, rank_name, status=UNPAIRED,
                                 reason=f"token {t} dumped only on the {side} side"))
             if not common:
