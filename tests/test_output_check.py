@@ -99,3 +99,7 @@ def test_int32_values_far_apart_are_not_close_and_floats_are_left_to_the_float_m
     assert exact_difference(a, b)["max_abs_difference"] == float(2 ** 32 - 1)
     assert exact_difference(_raw([1.0], np.float32), _raw([1.0], np.float32)) is None
     assert exact_difference(_raw([1, 2], np.int8), _raw([1, 2, 3], np.int8)) is None  # shapes differ
+
+
+def test_a_top1_bound_of_zero_lets_a_differing_token_by():
+    assert judge_steps([_step(0, 85, 34)], {"top1": 0.0}) == []

@@ -137,7 +137,7 @@ def judge_steps(steps: Sequence[StepCheck], bounds: dict[str, float]) -> list[st
     """Breaches of the output bounds, the first differing greedy token first (what a user would notice)."""
     out = []
     first = next((s for s in steps if not s.same_token), None)
-    if first is not None and "top1" in bounds:
+    if first is not None and "top1" in bounds and first.top1 < bounds["top1"]:
         out.append(f"greedy token differs at step {first.token}: A picks {first.a_token}, B picks {first.b_token}")
     for s in steps:
         if "top1" in bounds and s.top1 < bounds["top1"] and (s is not first or s.positions > 1):
