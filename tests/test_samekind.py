@@ -121,7 +121,8 @@ def test_a_five_percent_scale_bug_in_one_rmsnorm_is_named_first_without_a_mappin
     first = result.first_divergence
     assert (first.atb_op, first.torch_module, first.token_id) == (bug.rel_dir, bug.rel_dir, 0)
     message = result.failure_message()
-    assert message.splitlines()[0].startswith(f"first divergent op: {bug.rel_dir} ({bug.op_name}")
+    assert message.splitlines()[0] == (f"first divergent op: {bug.rel_dir} ({bug.op_name}, RmsNormOperation) <-> A "
+                                       f"{bug.rel_dir} (RmsNormOperation), token 0")
     assert "relative_euclidean_distance 0.05" in message
     # nothing before the bug breaches: every earlier op of both tokens passes
     assert all(r.passed for r in result.compared if r.token_id == 0 and r.order < first.order)

@@ -27,8 +27,6 @@ class Row:
     rule: str = ""
     metrics: Any = None  # compare.metrics.PairMetrics
     input_metrics: dict[str, float] | None = None
-    input_parts: list = field(default_factory=list)  # engine-internal, between computing and judging
-    output_sample: tuple | None = None  # engine-internal: digests of the output files, for linked inputs
     effective: dict[str, float] = field(default_factory=dict)
     bounds: dict[str, float] = field(default_factory=dict)
     breaches: list = field(default_factory=list)  # compare.tolerance.Breach
@@ -72,6 +70,7 @@ class CompareResult:
     tokens: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # run-level remarks, e.g. a mapping file that was not needed
     output: Any = None  # compare.output_check.OutputCheck: logits and greedy tokens, judged beside the ops
+    golden_label: str = "torch"  # how messages name the golden side ("A" when both dumps are of one kind)
 
     @property
     def compared(self) -> list[Row]:
@@ -142,7 +141,7 @@ class CompareResult:
         if first is None:
             return "no breach"
         lines = [f"first divergent op: {first.atb_op} ({first.atb_op_name}, {first.my_op_type}) "
-                 f"<-> torch {first.torch_module} ({first.golden_op_type}), token {first.token_id}"]
+                 f"<-> {self.golden_label} {first.torch_module} ({first.golden_op_type}), token {first.token_id}"]
         if first.reason:
             lines.append(f"  {first.reason}")
         for b in first.breaches:

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Callable
 
-from ..errors import LayoutError
+from ..errors import AitLlmError, LayoutError
 from ..formats.atb_layout import AtbDump, AtbRank, op_files
 from ..formats.atb_topology import AtbOp, AtbTopology
-from ..formats.detect import ATB, TORCH, dump_kind
+from ..formats.detect import ATB, TORCH
 from ..formats.files import OpFiles
 from ..formats.torch_layout import TorchDump, TorchModule
-from ..mapping.identity import SamePairing, pair_same_kind
+from ..mapping.identity import pair_same_kind
 from ..mapping.pairing import OpPair, Pairing, Unpaired, is_weight
 
 _PRIMARY_INPUT = re.compile(r"input(_\d+)*|input_hidden_states")
@@ -133,13 +132,15 @@ def _name_of(path: Path, names) -> str:
 
 # ------------------------------------------------------------------------------------------------------- sides
 
-def golden_side(dump):
-    """The golden side the engine reads, for a dump of either kind."""
-    return AtbGolden(dump) if dump_kind(dump) == ATB else dump
-
-
-def my_side(dump):
-    return TorchMy(dump) if dump_kind(dump) == TORCH else dump
+def sides(a, b, tokens=None):
+    """(golden side, my side) the engine reads for two opened dumps of one kind; one line when they cannot be
+    compared at all (a torch dump after an ATB one, no token in common)."""
+    if isinstance(a, AtbDump) != isinstance(b, AtbDump):
+        raise AitLlmError(f"A ({a.root}) is an ATB dump and B ({b.root}) a torch dump: pass the torch dump first "
+                          "(-gp) and the ATB dump second (-mp)")
+    golden, my = (AtbGolden(a), b) if isinstance(a, AtbDump) else (a, TorchMy(b))
+    check_tokens(golden, my, tokens)
+    return golden, my
 
 
 def native_root(side, rank=None):
@@ -161,15 +162,31 @@ def _my_unit(rank, native):
     return rank.unit(native) if isinstance(rank, TorchRank) else native
 
 
-def same_kind_pairing(golden, rank, shape_of: Callable[[str, object], object] | None = None,
-                      mapping_note: str = "") -> tuple[Pairing, SamePairing]:
-    """Pair a golden side with one rank of a my side of the same kind, by identity (mapping/identity.py), as
-    the engine's Pairing (pairs of my-side op and golden-side module; unpaired "atb" = my side, "torch" = golden)."""
+def same_kind_pairing(golden, rank, files, options, token: int, notes: list[str]) -> Pairing:
+    """Pair a golden side with one rank of a my side of the same kind by identity (mapping/identity.py), as the
+    engine's Pairing: pairs of (my-side op, golden-side module); unpaired "atb" is side B, "torch" side A.
+
+    ``files`` lists a token's files per op/module (plan.py), ``options`` reads shapes, for graphs that differ."""
+    token_dir = rank.token_dirs[token]
+
+    def shape_of(side: str, unit):
+        if side == "a":
+            outputs = files.torch(token, _golden_unit(golden, unit).name).outputs
+            return options.golden.shape(outputs[0]) if outputs else None
+        outputs = files.atb(token_dir, _my_unit(rank, unit)).outputs
+        return options.my.shape(outputs[0]) if outputs else None
+
     same = pair_same_kind(native_root(golden), native_root(None, rank), shape_of=shape_of)
-    if mapping_note:
-        same.notes.append(mapping_note)
-    pairs = [OpPair(_my_unit(rank, p.b), _golden_unit(golden, p.a), p.how, note=p.note) for p in same.pairs]
-    unpaired = []
+    notes.extend(n for n in same.notes if n not in notes)
+    pairs, unpaired = [], []
+    for p in same.pairs:
+        pair = OpPair(_my_unit(rank, p.b), _golden_unit(golden, p.a), p.how, note=p.note)
+        if not files.torch(token, pair.module.name).outputs and not files.atb(token_dir, pair.atb).outputs:
+            # a module list is in the tree but never called: nothing to compare on either side, nothing wrong
+            unpaired.append(Unpaired("atb", pair.atb.rel_dir, pair.atb.op_type,
+                                     "no output dumped on either side (a container never called)", pair.atb))
+        else:
+            pairs.append(pair)
     for left in same.leftovers:
         if left.side == "a":
             unit = _golden_unit(golden, left.unit)
@@ -177,13 +194,13 @@ def same_kind_pairing(golden, rank, shape_of: Callable[[str, object], object] | 
         else:
             op = _my_unit(rank, left.unit)
             unpaired.append(Unpaired("atb", op.rel_dir, op.op_type, left.reason, op))
-    return Pairing(pairs, unpaired, [], []), same
+    return Pairing(pairs, unpaired, [], [])
 
 
 def check_tokens(golden, my, tokens=None) -> None:
     """Two dumps with no token in common (after ``tokens``) cannot be compared at all: one line saying so."""
     g = set(golden.tokens)
-    m = set(my.tokens) if not hasattr(my, "ranks") else {t for r in my.ranks for t in r.token_dirs}
+    m = {t for r in my.ranks for t in r.token_dirs} if hasattr(my, "ranks") else set(my.tokens)
     wanted = set(tokens) if tokens is not None else g | m
     if g and m and not (g & m & wanted):
         raise LayoutError(f"no token in common: A ({golden.root}) has tokens {_ids(g)}, B ({my.root}) has "
