@@ -222,4 +222,16 @@ def test_token_sets_that_differ(dumps, capsys, tmp_path):
     assert sorted(r.reason for r in result.rows if r.status == UNPAIRED and r.token_id is not None) == [
         "token 2 dumped only on the B side", "token 3 dumped only on the B side",
         "token 4 dumped only on the B side"]
-    assert all(r.status == COMPARED for r in result.rows if r.token_id in (0, 1))
+    assert {r.status for r in result.rows if r.token_id in (0, 1)} == {COMPARED, "output_check"}
+    assert [r.token_id for r in result.rows if r.status == "output_check"] == [0, 1]
+
+
+def test_an_atb_dump_as_a_and_a_torch_dump_as_b_pair_through_the_mapping_table(dumps, tmp_path):
+    forward = _compare(dumps, tmp_path, "torch_fp32", "bf16", mapping_dir=EXAMPLE)
+    turned = _compare(dumps, tmp_path, "bf16", "torch_fp32", mapping_dir=EXAMPLE)
+    assert turned.passed, turned.failure_message()
+    pairs = {(r.torch_module, r.atb_op, r.token_id) for r in turned.compared}
+    assert pairs == {(r.atb_op, r.torch_module, r.token_id) for r in forward.compared}
+    assert all(r.golden_path.endswith(".bin") and r.my_path.endswith(".pth") for r in turned.compared)
+    assert turned.output.a_source == "15_LinearOperation" and turned.output.b_source == "root/output_logits"
+    assert "unpaired ops: 16 B, 61 A" in turned.summary()

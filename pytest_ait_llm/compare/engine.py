@@ -21,7 +21,7 @@ from . import sides
 from .exact import exact_difference
 from .judge import build_result
 from .metrics import PairMetrics, compare_tensors, similarity
-from .output_check import check_outputs
+from .output_check import check_outputs, output_rows
 from .plan import CompareOptions, Progress, Task, input_pairs, make_plan
 from .result import CompareResult
 
@@ -171,10 +171,11 @@ def compare_dumps(golden, my, options: CompareOptions | None = None, **kwargs) -
     golden_dump = open_dump(golden, allow_symlinks=options.golden.allow_symlinks)
     my_dump = open_dump(my, allow_symlinks=options.my.allow_symlinks)
     options = _with_dump_symlink_policy(options, golden_dump, my_dump)
-    same_kind = isinstance(golden_dump, AtbDump) or isinstance(my_dump, TorchDump)  # either kind on either side
-    golden_side, my_side = (sides.sides(golden_dump, my_dump, options.tokens) if same_kind
+    by_sides = isinstance(golden_dump, AtbDump) or isinstance(my_dump, TorchDump)  # not torch vs ATB: sides.py
+    same_kind = isinstance(golden_dump, AtbDump) == isinstance(my_dump, AtbDump)
+    golden_side, my_side = (sides.sides(golden_dump, my_dump, options.tokens) if by_sides
                             else (golden_dump, my_dump))
-    plan = make_plan(golden_side, my_side, options, same_kind=same_kind)
+    plan = make_plan(golden_side, my_side, options, same_kind=by_sides)
     if same_kind and options.mapping_dir:
         plan.notes.append(f"op mapping file {options.mapping_dir} ignored: two dumps of one kind pair by identity")
     from .parallel import run_tasks  # serial, threads or forked processes
@@ -183,9 +184,10 @@ def compare_dumps(golden, my, options: CompareOptions | None = None, **kwargs) -
     result = build_result(plan, results, options, input_error,
                           golden_root=str(golden_dump.root), my_root=str(my_dump.root))
     result.notes = list(plan.notes)
-    if same_kind:
-        result.golden_label = "A"
+    if by_sides:
+        result.golden_label, result.my_label = "A", "B"
     tolerance = options.tolerance  # the output check: logits and greedy tokens, judged beside the ops
     result.output = check_outputs(golden_dump, my_dump, result.tokens, tolerance.output_bounds(),
                                   tolerance.output.get("logits"))
+    result.rows[:0] = output_rows(result.output)  # first in the report
     return result

@@ -22,6 +22,9 @@ from ..errors import AitLlmError
 from ..formats.atb_layout import AtbDump, op_files
 from ..formats.atb_topology import AtbOp
 from ..formats.torch_layout import TorchDump
+from .result import Row
+
+OUTPUT_CHECK = "output_check"  # the status of an output-check row
 
 #: The k of the top-k overlap.
 TOP_K = 5
@@ -147,6 +150,21 @@ def judge_steps(steps: Sequence[StepCheck], bounds: dict[str, float]) -> list[st
         if "logits_kl" in bounds and s.logits_kl > bounds["logits_kl"]:
             out.append(f"step {s.token}: logits KL {s.logits_kl:.3g} > {bounds['logits_kl']:.3g}")
     return out
+
+
+def output_rows(check: OutputCheck) -> list[Row]:
+    """One report row per step (status "output_check"): the CSV shows them first, with their own columns."""
+    rows = []
+    for s in check.steps:
+        own = [b for b in check.breaches if b.startswith(f"step {s.token}:")]
+        row = Row(s.token, 0, -1, atb_op=check.b_source, torch_module=check.a_source, golden_path=s.a_path,
+                  my_path=s.b_path, status=OUTPUT_CHECK, rule="output check")
+        row.passed = not own and (s.same_token or check.bounds.get("top1", 0.0) <= s.top1)
+        row.reason = "; ".join(([] if s.same_token else [f"greedy token differs: A {s.a_token}, B {s.b_token}"]) + own)
+        row.extra = {"top1_agreement": s.top1, "topk_overlap": s.topk, "logits_kl": s.logits_kl,
+                     "golden_token": s.a_token, "my_token": s.b_token}
+        rows.append(row)
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------- finding logits

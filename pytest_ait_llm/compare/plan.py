@@ -237,7 +237,8 @@ class _Files:
 def make_plan(golden: TorchDump, my: AtbDump, options: CompareOptions, *, same_kind: bool = False) -> Plan:
     """Pair the ops of every rank (from the evidence of the output shapes) and list the tasks of every token.
 
-    ``same_kind``: two dumps of one kind, shown as golden/my by compare/sides.py, paired by identity (no table)."""
+    ``same_kind``: sides shown as golden/my by compare/sides.py (two dumps of one kind, paired by identity; or an
+    ATB dump as A and a torch dump as B, paired by the table)."""
     table = None if same_kind else mapping_table(options.mapping_dir)
     files = _Files(golden, my)
     plan = Plan([], [], [], [], [], set())
@@ -264,9 +265,10 @@ def make_plan(golden: TorchDump, my: AtbDump, options: CompareOptions, *, same_k
             continue
         tokens.update(common)
         if same_kind:
-            from .sides import same_kind_pairing
+            from .sides import pairing as side_pairing
 
-            pairing = same_kind_pairing(golden, rank, files, options, common[0], plan.notes)
+            pairing = side_pairing(golden, rank, files, options, common[0], plan.notes,
+                                   table or mapping_table(options.mapping_dir))
         else:
             pairing = pair_ops(topology, golden.tree, table, _shapes_fit(rank, common[0], files, options))
         plan.unpaired.extend(pairing.unpaired)

@@ -70,7 +70,8 @@ class CompareResult:
     tokens: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # run-level remarks, e.g. a mapping file that was not needed
     output: Any = None  # compare.output_check.OutputCheck: logits and greedy tokens, judged beside the ops
-    golden_label: str = "torch"  # how messages name the golden side ("A" when both dumps are of one kind)
+    golden_label: str = "torch"  # how messages name the sides: "A" and "B" unless torch vs ATB
+    my_label: str = "ATB"
 
     @property
     def compared(self) -> list[Row]:
@@ -105,8 +106,8 @@ class CompareResult:
         lines = self.output.lines() if self.output is not None else []
         lines += [
             f"pairs compared: {len(compared)} over {len(self.tokens)} token(s); "
-            f"breaches: {len(self.breaches)}; unpaired ops: {sum(1 for u in self.unpaired if u.side == 'atb')} ATB, "
-            f"{sum(1 for u in self.unpaired if u.side == 'torch')} torch",
+            f"breaches: {len(self.breaches)}; unpaired ops: {sum(1 for u in self.unpaired if u.side == 'atb')} "
+            f"{self.my_label}, {sum(1 for u in self.unpaired if u.side == 'torch')} {self.golden_label}",
         ]
         first = self.first_divergence
         if first is not None:
@@ -151,7 +152,7 @@ class CompareResult:
             lines.append(f"then {len(propagated)} later breach(es), marked propagated, e.g. {propagated[0].where}")
         n_atb = sum(1 for u in self.unpaired if u.side == "atb")
         if n_atb:
-            lines.append(f"{n_atb} ATB op(s) unpaired (see the CSV, status=unpaired)")
+            lines.append(f"{n_atb} {self.my_label} op(s) unpaired (see the CSV, status=unpaired)")
         if self.csv_path:
             lines.append(f"report: {self.csv_path}")
         return "\n".join(lines)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..errors import AitLlmError, LayoutError
+from ..errors import LayoutError
 from ..formats.atb_layout import AtbDump, AtbRank, op_files
 from ..formats.atb_topology import AtbOp, AtbTopology
 from ..formats.detect import ATB, TORCH
@@ -133,14 +133,54 @@ def _name_of(path: Path, names) -> str:
 # ------------------------------------------------------------------------------------------------------- sides
 
 def sides(a, b, tokens=None):
-    """(golden side, my side) the engine reads for two opened dumps of one kind; one line when they cannot be
-    compared at all (a torch dump after an ATB one, no token in common)."""
-    if isinstance(a, AtbDump) != isinstance(b, AtbDump):
-        raise AitLlmError(f"A ({a.root}) is an ATB dump and B ({b.root}) a torch dump: pass the torch dump first "
-                          "(-gp) and the ATB dump second (-mp)")
-    golden, my = (AtbGolden(a), b) if isinstance(a, AtbDump) else (a, TorchMy(b))
+    """(golden side, my side) the engine reads for dumps ``a`` and ``b`` of any kinds: an ATB dump as A, a torch
+    dump as B are shown through AtbGolden/TorchMy. One line when they cannot be compared at all (no token in
+    common)."""
+    golden = AtbGolden(a) if isinstance(a, AtbDump) else a
+    my = TorchMy(b) if isinstance(b, TorchDump) else b
     check_tokens(golden, my, tokens)
     return golden, my
+
+
+def pairing(golden, rank, files, options, token: int, notes: list[str], table) -> Pairing:
+    """The pairs of a golden side and one rank of a my side as sides() made them: by identity for two dumps of
+    one kind, by the mapping ``table`` for an ATB dump as A and a torch dump as B."""
+    if isinstance(golden, AtbGolden) and isinstance(rank, TorchRank):
+        return _reversed_table_pairing(golden, rank, files, options, token, table)
+    return same_kind_pairing(golden, rank, files, options, token, notes)
+
+
+def _reversed_table_pairing(golden: "AtbGolden", rank: "TorchRank", files, options, token: int, table) -> Pairing:
+    """The mapping table pairs ATB ops with torch modules whichever side each is on: pair A's ops with B's
+    modules as usual, then turn every pair around (A's op is the golden "module", B's module the my "op")."""
+    from ..mapping.pairing import pair_ops
+    from .metrics import shapes_compatible
+    from .plan import _pick
+
+    token_dir = rank.token_dirs[token]
+
+    def outputs(pair: OpPair):
+        a = _pick(files.torch(token, golden.unit(pair.files_op).name).outputs, pair.atb_stem)
+        b = _pick(files.atb(token_dir, rank.unit(pair.module)).outputs, pair.torch_stem)
+        return a, b
+
+    def compatible(pair: OpPair):
+        a, b = outputs(pair)
+        shapes = (options.golden.shape(a[0]), options.my.shape(b[0])) if a and b else (None, None)
+        return None if None in shapes else shapes_compatible(*shapes) is not None
+
+    found = pair_ops(golden.native, rank.native, table, compatible)
+    pairs = [OpPair(rank.unit(p.module), golden.unit(p.files_op), p.rule, atb_stem=p.torch_stem,
+                    torch_stem=p.atb_stem, note=p.note) for p in found.pairs]
+    unpaired = []
+    for u in found.unpaired:
+        if u.side == "atb":
+            unit = golden.unit(u.op)
+            unpaired.append(Unpaired("torch", unit.name, unit.type, u.reason, unit))
+        else:
+            op = rank.unit(u.op)
+            unpaired.append(Unpaired("atb", op.rel_dir, op.op_type, u.reason, op))
+    return Pairing(pairs, unpaired, [], [])
 
 
 def native_root(side, rank=None):

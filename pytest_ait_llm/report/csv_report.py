@@ -29,7 +29,7 @@ OUR_COLUMNS = [
     "golden_nan_count", "golden_inf_count", "my_nan_count", "my_inf_count", "mapping_rule", "note",
 ]
 #: Appended after ours: the exact comparison of integer tensors, and the output check's per-step values (its rows
-#: come first, status "output_check"). Values live in Row.extra.
+#: come first, status "output_check", see compare/output_check.py). Values live in Row.extra.
 EXTRA_COLUMNS = ["differing_elements", "differing_share", "max_abs_difference",
                  "top1_agreement", "topk_overlap", "logits_kl", "golden_token", "my_token"]
 
@@ -120,7 +120,7 @@ def write_csv(result: CompareResult, output_dir: str | Path) -> Path:
         with open(temp, "x", newline="", encoding="utf-8", errors="backslashreplace") as fh:
             writer = csv.writer(fh)
             writer.writerow(AIT_COLUMNS + OUR_COLUMNS + EXTRA_COLUMNS + custom)
-            for row in _rows(result):
+            for row in result.rows:
                 writer.writerow(row_values(row, custom))
 
     try:
@@ -135,26 +135,5 @@ def dataframe(result: CompareResult):
     import pandas as pd
 
     custom = custom_columns(result)
-    return pd.DataFrame([row_values(row, custom) for row in _rows(result)],
+    return pd.DataFrame([row_values(row, custom) for row in result.rows],
                         columns=AIT_COLUMNS + OUR_COLUMNS + EXTRA_COLUMNS + custom)
-
-
-def _rows(result: CompareResult) -> list[Row]:
-    """The output check's rows (one per step) first, then the op rows."""
-    output = getattr(result, "output", None)
-    return (output_rows(output) if output is not None else []) + list(result.rows)
-
-
-def output_rows(output) -> list[Row]:
-    """One row per step of an output check (compare/output_check.py), status "output_check"."""
-    rows = []
-    for s in output.steps:
-        row = Row(s.token, 0, -1, atb_op=output.b_source, torch_module=output.a_source, golden_path=s.a_path,
-                  my_path=s.b_path, status="output_check", rule="output check")
-        row.passed = s.same_token and not any(b.startswith(f"step {s.token}:") for b in output.breaches)
-        row.reason = ("greedy token differs" if not s.same_token else "") + (
-            "; ".join(b for b in output.breaches if b.startswith(f"step {s.token}:")))
-        row.extra = {"top1_agreement": s.top1, "topk_overlap": s.topk, "logits_kl": s.logits_kl,
-                     "golden_token": s.a_token, "my_token": s.b_token}
-        rows.append(row)
-    return rows
