@@ -22,6 +22,9 @@ from pytest_ait_llm.compare.result import COMPARED, UNPAIRED
 from pytest_ait_llm.dump.atb_writer import PART_OUT, AtbDumpWriter
 from pytest_ait_llm.dump.torch_hooks import DumpConfig, register_hook
 from pytest_ait_llm.formats.detect import dump_kind, open_dump
+from pytest_ait_llm.report.html import report_fragment
+
+pytest_plugins = ["pytester"]
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "llama_port"
 #: The step at which the nudged lm_head picks another token: the healthy port's logits there are 85: 4.84 and
@@ -235,3 +238,47 @@ def test_an_atb_dump_as_a_and_a_torch_dump_as_b_pair_through_the_mapping_table(d
     assert all(r.golden_path.endswith(".bin") and r.my_path.endswith(".pth") for r in turned.compared)
     assert turned.output.a_source == "15_LinearOperation" and turned.output.b_source == "root/output_logits"
     assert "unpaired ops: 16 B, 61 A" in turned.summary()
+
+
+def test_compare_ops_takes_two_atb_dumps_and_the_output_keys_of_the_marker(dumps, pytester):
+    pytester.makepyfile(test_two_builds=f'''
+import pytest
+
+@pytest.mark.ait_tolerance(top1=1.0)
+def test_buggy_build_against_healthy(compare_ops):
+    compare_ops({str(dumps["bf16"])!r}, {str(dumps["rmsnorm_scale"])!r})
+
+def test_flipped_token_let_by(compare_ops):
+    result = compare_ops({str(dumps["outputs_bf16"])!r}, {str(dumps["outputs_nudged"])!r}, top1=0.0, logits_kl=0.01)
+    assert result.output.first_token_mismatch.token == {FLIP_STEP}
+
+@pytest.mark.ait_tolerance(logits_kl=0.01)
+def test_flipped_token_fails(compare_ops):
+    compare_ops({str(dumps["outputs_bf16"])!r}, {str(dumps["outputs_nudged"])!r})
+''')
+    result = pytester.runpytest("--strict-markers", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=2)
+    result.stdout.fnmatch_lines(["*first divergent op: 4_LlamaLayer/8_RmsNormOperation (RmsNormOperation_4_8*",
+                                 "*output check (15_LinearOperation vs 15_LinearOperation, 5 step(s)): FAIL*",
+                                 f"*greedy tokens differ first at step {FLIP_STEP}: A picks 85, B picks 34*"])
+
+
+def test_html_entry_starts_with_the_output_check(dumps, tmp_path):
+    result = _compare(dumps, tmp_path, "outputs_bf16", "outputs_nudged")
+    html = report_fragment(result)
+    assert html.index("greedy tokens differ first at step") < html.index("<table")
+
+
+def test_an_msit_root_holding_both_kinds_is_ambiguous(tmp_path, capsys):
+    root = tmp_path / "msit_dump_20250101_120000"
+    (root / "tensors" / "0_123" / "0").mkdir(parents=True)
+    (root / "torch_tensors" / "123_cpu" / "0").mkdir(parents=True)
+    err = _one_line_error(capsys, ["compare", "-gp", str(root), "-mp", str(root), "-o", str(tmp_path)])
+    assert f"{root}: holds both an ATB dump (tensors/) and a torch dump (torch_tensors/)" in err
+
+
+def test_a_path_that_is_no_dump_at_all_says_what_a_dump_looks_like(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    err = _one_line_error(capsys, ["compare", "-gp", str(tmp_path / "empty"), "-mp", str(tmp_path / "empty"),
+                                   "-o", str(tmp_path)])
+    assert "neither an ATB dump" in err and "nor a torch dump" in err
