@@ -47,9 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    cmp = sub.add_parser("compare", help="compare a torch (golden) dump with an ATB (my) dump, write the CSV")
-    cmp.add_argument("-gp", "--golden-path", required=True, help="torch dump: root, {PID}_{device} dir or token dir")
-    cmp.add_argument("-mp", "--my-path", required=True, help="ATB dump: ait_dump/msit_dump_* root, rank dir or token dir")
+    cmp = sub.add_parser("compare", help="compare a torch (golden) dump with an ATB (my) dump, or any two dumps "
+                                         "(ATB vs ATB, torch vs torch), write the CSV")
+    cmp.add_argument("-gp", "--golden-path", required=True,
+                     help="dump A, the reference: a torch dump (root, {PID}_{device} dir or token dir) or an ATB dump")
+    cmp.add_argument("-mp", "--my-path", required=True,
+                     help="dump B: an ATB dump (ait_dump/msit_dump_* root, rank dir or token dir) or a torch dump")
     cmp.add_argument("-mf", "--op-mapping-file", metavar="DIR", help="directory holding op_mapping_file.json")
     cmp.add_argument("-o", "--output", default=".", help="directory for ait_cmp_report_{TIMESTAMP}.csv (default .)")
     cmp.add_argument("--fail-on-breach", action="store_true", help="exit 1 when any pair breaches the tolerance")
