@@ -115,14 +115,13 @@ def _compare(args) -> int:
     from .api import run_compare
     from .compare.metrics import load_custom_metric
     from .compare.tolerance import Tolerance
-    from .formats.atb_layout import open_atb_dump
-    from .formats.torch_layout import open_torch_dump
+    from .formats.detect import open_dump  # a torch or an ATB dump on either side
     from .comparison_pass import describe as comparison_pass
 
     tolerance = Tolerance.from_marker(mode=args.mode, **dict(args.tolerance))
     metrics = [load_custom_metric(spec) for spec in args.custom_metric]
-    golden = open_torch_dump(args.golden_path, allow_symlinks=args.allow_symlinks)
-    my = open_atb_dump(args.my_path, allow_symlinks=args.allow_symlinks)
+    golden = open_dump(args.golden_path, allow_symlinks=args.allow_symlinks)
+    my = open_dump(args.my_path, allow_symlinks=args.allow_symlinks)
     if args.tokens is not None:
         _check_tokens(args.tokens, golden, my)
     print(f"comparison pass: {comparison_pass()}", file=sys.stderr)

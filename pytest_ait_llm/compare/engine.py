@@ -173,7 +173,7 @@ def compare_dumps(golden, my, options: CompareOptions | None = None, **kwargs) -
     options = _with_dump_symlink_policy(options, golden_dump, my_dump)
     by_sides = isinstance(golden_dump, AtbDump) or isinstance(my_dump, TorchDump)  # not torch vs ATB: sides.py
     same_kind = isinstance(golden_dump, AtbDump) == isinstance(my_dump, AtbDump)
-    golden_side, my_side = (sides.sides(golden_dump, my_dump, options.tokens) if by_sides
+    golden_side, my_side = (sides.sides(golden_dump, my_dump, options.tokens, options.ranks) if by_sides
                             else (golden_dump, my_dump))
     plan = make_plan(golden_side, my_side, options, same_kind=by_sides)
     if same_kind and options.mapping_dir:

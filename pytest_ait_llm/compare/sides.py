@@ -132,14 +132,31 @@ def _name_of(path: Path, names) -> str:
 
 # ------------------------------------------------------------------------------------------------------- sides
 
-def sides(a, b, tokens=None):
+def sides(a, b, tokens=None, ranks=None):
     """(golden side, my side) the engine reads for dumps ``a`` and ``b`` of any kinds: an ATB dump as A, a torch
     dump as B are shown through AtbGolden/TorchMy. One line when they cannot be compared at all (no token in
-    common)."""
-    golden = AtbGolden(a) if isinstance(a, AtbDump) else a
+    common, ranks that cannot be told apart)."""
+    golden = AtbGolden(a, _one_rank(a, b, ranks)) if isinstance(a, AtbDump) else a
     my = TorchMy(b) if isinstance(b, TorchDump) else b
     check_tokens(golden, my, tokens)
     return golden, my
+
+
+def _one_rank(a: AtbDump, b, ranks) -> AtbRank:
+    """The rank of A that B's rank is compared with: A's only one, or the one on B's device. Several ranks on
+    both sides (tensor parallel) are compared one rank dir at a time: guessing which rank of A goes with which of
+    B would compare unrelated shards."""
+    b_ranks = [r for r in getattr(b, "ranks", ()) if ranks is None or {r.path.name, str(r.device_id)} & ranks]
+    if len(a.ranks) == 1 and len(b_ranks) <= 1:
+        return a.ranks[0]
+    devices = {r.device_id for r in b_ranks}
+    same_device = [r for r in a.ranks if r.device_id in devices]
+    if len(b_ranks) == 1 and len(same_device) == 1:
+        return same_device[0]
+    names = ", ".join(r.path.name for r in a.ranks)
+    b_names = ", ".join(r.path.name for r in b_ranks) or "one"
+    raise LayoutError(f"A ({a.root}) has rank(s) {names} and B has {b_names}: compare one rank of each, "
+                      "passing its rank dir (tensors/{device}_{pid})")
 
 
 def pairing(golden, rank, files, options, token: int, notes: list[str], table) -> Pairing:
