@@ -30,7 +30,7 @@ OUR_COLUMNS = [
 ]
 #: Appended after ours: the exact comparison of integer tensors, and the output check's per-step values (its rows
 #: come first, status "output_check", see compare/output_check.py). Values live in Row.extra.
-EXTRA_COLUMNS = ["differing_elements", "differing_share", "max_abs_difference",
+INT_AND_OUTPUT_COLUMNS = ["differing_elements", "differing_share", "max_abs_difference",
                  "top1_agreement", "topk_overlap", "logits_kl", "golden_token", "my_token"]
 
 
@@ -74,7 +74,7 @@ def row_values(row: Row, custom_names: list[str]) -> list[str]:
         _num(g_stats.nan_count) if g_stats else "", _num(g_stats.inf_count) if g_stats else "",
         _num(m_stats.nan_count) if m_stats else "", _num(m_stats.inf_count) if m_stats else "",
         row.rule, row.note,
-        *[_num(row.extra.get(name)) for name in EXTRA_COLUMNS],
+        *[_num(row.extra.get(name)) for name in INT_AND_OUTPUT_COLUMNS],
     ]
     custom = m.custom if m is not None else {}
     values.extend(_num(custom.get(name)) if not isinstance(custom.get(name), str) else custom[name]
@@ -107,21 +107,24 @@ def reserve_report_path(output_dir: str | Path, prefix: str = "ait_cmp_report_",
     raise OSError(f"{out}: no free report name for {prefix}{stamp}")
 
 
-def write_csv(result: CompareResult, output_dir: str | Path) -> Path:
+def write_csv(result: CompareResult, output_dir: str | Path, extra_columns=None) -> Path:
     """Write the report for ``result`` into ``output_dir`` and return its path.
 
     UTF-8, with any character UTF-8 cannot hold written as its backslash escape (a lone surrogate from a topology's
     JSON, a file name in GBK bytes read on a UTF-8 system shows as ``\\udcd6``): a name never costs the report.
+    ``extra_columns``: ``(names, row -> cells)`` appended after all other columns (the baseline's, see
+    report/baseline.py).
     """
     path = reserve_report_path(output_dir)
     custom = custom_columns(result)
+    extra_names, extra_cells = extra_columns or ([], lambda row: [])
 
     def write(temp: Path) -> None:
         with open(temp, "x", newline="", encoding="utf-8", errors="backslashreplace") as fh:
             writer = csv.writer(fh)
-            writer.writerow(AIT_COLUMNS + OUR_COLUMNS + EXTRA_COLUMNS + custom)
+            writer.writerow(AIT_COLUMNS + OUR_COLUMNS + INT_AND_OUTPUT_COLUMNS + custom + list(extra_names))
             for row in result.rows:
-                writer.writerow(row_values(row, custom))
+                writer.writerow(row_values(row, custom) + list(extra_cells(row)))
 
     try:
         return atomic_write(path, write)
@@ -136,4 +139,4 @@ def dataframe(result: CompareResult):
 
     custom = custom_columns(result)
     return pd.DataFrame([row_values(row, custom) for row in result.rows],
-                        columns=AIT_COLUMNS + OUR_COLUMNS + EXTRA_COLUMNS + custom)
+                        columns=AIT_COLUMNS + OUR_COLUMNS + INT_AND_OUTPUT_COLUMNS + custom)
