@@ -125,11 +125,11 @@ class CompareResult:
 
     def failure_message(self) -> str:
         first = self.first_divergence
-        head = self.output.lines() if self.output_passed is False else []
-        if head and first is None:
-            return "\n".join(head + ([f"report: {self.csv_path}"] if self.csv_path else []))
-        if head:
-            return "\n".join(head) + "\n" + self._op_failure_message()
+        output = self.output.lines() if self.output_passed is False else []
+        if output and first is None:  # every op passed: what the user sees differs
+            return "\n".join(output + ([f"report: {self.csv_path}"] if self.csv_path else []))
+        if output:  # the root cause first, then what it did to the output
+            return self._op_failure_message() + "\n" + "\n".join(output)
         return self._op_failure_message()
 
     def _op_failure_message(self) -> str:
