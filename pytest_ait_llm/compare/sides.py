@@ -49,9 +49,6 @@ class AtbGolden:
     def unit(self, op: AtbOp) -> TorchModule:
         return self._units[id(op)]
 
-    def op_of(self, name: str) -> AtbOp | None:
-        return self._ops.get(name)
-
     def module_files(self, token: int, name: str) -> OpFiles:
         """The op's files; its inputs without the weights (an op's inputs are matched to the other side's by
         shape, and a weight must not stand in for an activation)."""

@@ -22,7 +22,6 @@ from ..formats.atb_topology import AtbOp, AtbTopology
 from ..formats.torch_layout import TorchModule
 from .pairing import atb_layers, torch_layers
 
-Unit = "AtbOp | TorchModule"
 #: The output shape of an op/module of side "a" or "b" (None when it has no output file to tell).
 ShapeOf = Callable[[str, object], "tuple[int, ...] | None"]
 
@@ -268,10 +267,6 @@ def _layers(kind: str, root) -> list:
     return atb_layers(root) if kind == "atb" else torch_layers(root)
 
 
-def _all_units(kind: str, root) -> list:
-    return list(root.walk())
-
-
 def _kind(root) -> str:
     if isinstance(root, AtbTopology):
         return "atb"
@@ -316,13 +311,13 @@ def pair_same_kind(a, b, *, shape_of: ShapeOf | None = None, a_label: str = "A",
         p, lo = scope.pair()
         pairs += p
         leftovers += lo
-    outer_a = [u for u in _all_units(kind, a) if id(u) not in in_a]
-    outer_b = [u for u in _all_units(kind, b) if id(u) not in in_b]
+    outer_a = [u for u in _walk(a) if id(u) not in in_a]
+    outer_b = [u for u in _walk(b) if id(u) not in in_b]
     scope = _Scope(kind, None, None, outer_a, outer_b, shape_of, "the ops outside the layers")
     p, lo = scope.pair()
     pairs += p
     leftovers += lo
-    total = min(len(_all_units(kind, a)), len(_all_units(kind, b)))
+    total = min(len(_walk(a)), len(_walk(b)))
     if total and len(pairs) * 2 < total:
         raise MappingError(f"not the same model: only {len(pairs)} of {total} {'ops' if kind == 'atb' else 'modules'} "
                            f"have a counterpart by {'type and shape' if kind == 'atb' else 'name, type and shape'}")
