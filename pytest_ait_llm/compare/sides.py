@@ -3,8 +3,9 @@
 The engine reads a golden side as a torch dump (modules by name, ``module_files(token, name)``) and a my side as
 an ATB dump (ranks, each with a topology and token dirs, files per op). To compare ATB with ATB or torch with
 torch, an ATB dump on the golden side is shown to the engine as modules named by op path, and a torch dump on the
-my side as a rank whose "topology" is its module tree. The pairs come from :mod:`..mapping.identity`, so the engine
-itself does not care which kinds it compares; the CSV's golden columns then describe side A, whatever it is.
+my side as a rank whose "topology" is its module tree. Two dumps of one kind pair by identity
+(:mod:`..mapping.identity`); an ATB dump as A and a torch dump as B pair through the mapping table, each pair turned
+around. The engine itself does not care which kinds it compares; the CSV's golden columns describe side A.
 """
 from __future__ import annotations
 
