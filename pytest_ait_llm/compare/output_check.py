@@ -57,7 +57,7 @@ class StepCheck:
 class OutputCheck:
     """The output check of one comparison: per step, and the verdict against the output bounds."""
 
-    a_source: str
+    a_source: str  # where the logits are read: "root/output_logits", "15_LinearOperation"
     b_source: str
     steps: list[StepCheck] = field(default_factory=list)
     bounds: dict[str, float] = field(default_factory=dict)
@@ -149,12 +149,18 @@ def judge_steps(steps: Sequence[StepCheck], bounds: dict[str, float]) -> list[st
     return out
 
 
+def _unit(source: str) -> str:
+    """The op or module a logits source belongs to (a row names ops and modules, not their files)."""
+    return source.split("/output_logits")[0]
+
+
 def output_rows(check: OutputCheck) -> list[Row]:
     """One report row per step (status "output_check"): the CSV shows them first, with their own columns."""
     rows = []
     for s in check.steps:
         own = [b for b in check.breaches if b.startswith(f"step {s.token}:")]
-        row = Row(s.token, 0, -1, atb_op=check.b_source, torch_module=check.a_source, golden_path=s.a_path,
+        row = Row(s.token, 0, -1, atb_op=_unit(check.b_source), torch_module=_unit(check.a_source),
+                  golden_path=s.a_path,
                   my_path=s.b_path, status=OUTPUT_CHECK, rule="output check")
         row.passed = not own and (s.same_token or check.bounds.get("top1", 0.0) <= s.top1)
         row.reason = "; ".join(([] if s.same_token else [f"greedy token differs: A {s.a_token}, B {s.b_token}"]) + own)

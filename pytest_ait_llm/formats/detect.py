@@ -16,6 +16,8 @@ from .atb_layout import AtbDump, open_atb_dump
 from .torch_layout import TorchDump, open_torch_dump
 
 TORCH, ATB = "torch", "atb"
+#: What each opener says when a path is simply not its kind of dump (any other error is about the dump itself).
+_NOT_THIS_KIND = (": not an ATB dump;", ": no {device}_{pid} folders", ": no torch dump found")
 
 
 def dump_kind(dump: object) -> str:
@@ -44,5 +46,8 @@ def open_dump(dump: object, *, allow_symlinks: bool | None = None) -> TorchDump 
             errors.append(exc)
     if not path.is_dir():
         raise errors[1]  # both say "no such directory"; the torch one names what a dump dir is
+    specific = [e for e in errors if not any(g in str(e) for g in _NOT_THIS_KIND)]
+    if specific:  # it is that kind of dump, and something about it is wrong (e.g. it holds two): say that
+        raise specific[0]
     raise LayoutError(f"{path}: neither an ATB dump (tensors/{{device}}_{{pid}}/{{token}}/ with model/{{pid}}/*.json) "
                       f"nor a torch dump ({{PID}}_{{device}}/{{token}}/ with model_tree.json)")
