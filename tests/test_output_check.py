@@ -103,3 +103,12 @@ def test_int32_values_far_apart_are_not_close_and_floats_are_left_to_the_float_m
 
 def test_a_top1_bound_of_zero_lets_a_differing_token_by():
     assert judge_steps([_step(0, 85, 34)], {"top1": 0.0}) == []
+
+
+def test_a_long_prefill_is_read_from_its_last_positions_only(tmp_path):
+    from pytest_ait_llm.compare.output_check import MAX_POSITIONS, _load
+
+    logits = np.arange((MAX_POSITIONS + 10) * 4, dtype=np.float32).reshape(1, MAX_POSITIONS + 10, 4)
+    np.save(tmp_path / "output_logits.npy", logits)
+    rows = _load(tmp_path / "output_logits.npy", None)
+    assert rows.shape == (MAX_POSITIONS, 4) and rows[-1].tolist() == logits[0, -1].tolist()

@@ -28,6 +28,8 @@ OUTPUT_CHECK = "output_check"  # the status of an output-check row
 
 #: The k of the top-k overlap.
 TOP_K = 5
+#: Positions compared per step, the last ones: a decode step has one, a prefill as many as its prompt.
+MAX_POSITIONS = 256
 #: Defaults: every position's top-1 agrees (hence every greedy token), and the softmaxes stay close. The KL bound:
 #: the example's bf16 port is at ~2e-4 against its fp32 golden and against its fp16 build; a 5 % scale bug in one
 #: RmsNorm reaches ~6e-4 (the per-op check is what catches that one).
@@ -221,13 +223,21 @@ def _logits_files(dump, name: str | None):
     return _atb_logits(dump, name) if isinstance(dump, AtbDump) else _torch_logits(dump, name)
 
 
-def _load(path: Path, allow_symlinks) -> np.ndarray:
+def _load(path: Path, allow_symlinks, positions: int = MAX_POSITIONS) -> np.ndarray:
+    """The last ``positions`` rows of a logits file as float64 [rows, vocab] (a prefill's full logits would be
+    GBs in float64; the greedy token is the last row's)."""
     from ..formats.atb_bin import read_bin
+    from ..formats.dtypes import widen
     from ..formats.torch_layout import load_torch_tensor
 
     t = read_bin(path, allow_symlinks=allow_symlinks) if Path(path).suffix == ".bin" else \
         load_torch_tensor(path, allow_symlinks=allow_symlinks)
-    return t.to_float64()
+    vocab = t.shape[-1] if t.shape else 1
+    if t.numel == 0 or vocab == 0 or t.data.size < t.numel:
+        raise AitLlmError(f"{path}: logits of shape {list(t.shape)} hold no values")
+    rows = t.numel // vocab
+    tail = np.asarray(t.data).reshape(-1)[(rows - min(rows, positions)) * vocab:t.numel]
+    return widen(tail, t.dtype).reshape(-1, vocab)
 
 
 def check_outputs(a, b, tokens: Sequence[int], bounds: dict[str, float], logits=None) -> OutputCheck:
@@ -260,7 +270,7 @@ def check_outputs(a, b, tokens: Sequence[int], bounds: dict[str, float], logits=
         except (AitLlmError, OSError) as exc:
             check.reason = f"step {token}: {exc}"
             break
-        if la.shape[-1:] != lb.shape[-1:] or la.size == 0 or lb.size == 0:
+        if la.shape[-1:] != lb.shape[-1:]:
             check.reason = f"step {token}: logits shapes {list(la.shape)} (A) and {list(lb.shape)} (B) differ in vocabulary"
             break
         if not (np.isfinite(la).all() and np.isfinite(lb).all()):
