@@ -15,8 +15,7 @@ import numpy as np
 
 from ..errors import AitLlmError
 from ..formats.atb_layout import AtbDump
-from ..formats.detect import open_dump
-from ..formats.torch_layout import TorchDump
+from ..formats.detect import is_atb_dump, open_dump
 from . import sides
 from .exact import exact_difference
 from .judge import build_result
@@ -168,10 +167,11 @@ def compare_dumps(golden, my, options: CompareOptions | None = None, **kwargs) -
         options = CompareOptions.from_kwargs(**kwargs)
     elif kwargs:
         raise TypeError("compare_dumps: pass options= or keyword arguments, not both")
-    golden_dump = open_dump(golden, allow_symlinks=options.golden.allow_symlinks)
     my_dump = open_dump(my, allow_symlinks=options.my.allow_symlinks)
+    torch_vs_atb = isinstance(my_dump, AtbDump) and not is_atb_dump(golden)  # the original question
+    golden_dump = open_dump(golden, allow_symlinks=options.golden.allow_symlinks)
     options = _with_dump_symlink_policy(options, golden_dump, my_dump)
-    by_sides = isinstance(golden_dump, AtbDump) or isinstance(my_dump, TorchDump)  # not torch vs ATB: sides.py
+    by_sides = not torch_vs_atb  # ATB vs ATB, torch vs torch, ATB vs torch: sides.py
     same_kind = isinstance(golden_dump, AtbDump) == isinstance(my_dump, AtbDump)
     golden_side, my_side = (sides.sides(golden_dump, my_dump, options.tokens, options.ranks) if by_sides
                             else (golden_dump, my_dump))

@@ -29,6 +29,18 @@ def dump_kind(dump: object) -> str:
     return dump_kind(open_dump(dump))
 
 
+def is_atb_dump(dump: object) -> bool:
+    """Whether ``dump`` is (or a path to) an ATB dump; a path that is no dump at all is not one. Cheap: opening an
+    ATB dump reads directory names only."""
+    if isinstance(dump, (TorchDump, AtbDump)):
+        return isinstance(dump, AtbDump)
+    try:
+        open_atb_dump(Path(os.fspath(dump)))
+        return True
+    except LayoutError:
+        return False
+
+
 def open_dump(dump: object, *, allow_symlinks: bool | None = None) -> TorchDump | AtbDump:
     """The dump at ``dump``, a handle (returned as is) or a path to a torch or ATB dump at any level: the root,
     a rank dir or a token dir, in the ait or the msit layout."""
