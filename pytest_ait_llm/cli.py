@@ -49,9 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    cmp = sub.add_parser("compare", help="compare a torch (golden) dump with an ATB (my) dump, write the CSV")
-    cmp.add_argument("-gp", "--golden-path", required=True, help="torch dump: root, {PID}_{device} dir or token dir")
-    cmp.add_argument("-mp", "--my-path", required=True, help="ATB dump: ait_dump/msit_dump_* root, rank dir or token dir")
+    cmp = sub.add_parser("compare", help="compare a torch (golden) dump with an ATB (my) dump, or any two dumps "
+                                         "(ATB vs ATB, torch vs torch), write the CSV")
+    cmp.add_argument("-gp", "--golden-path", required=True,
+                     help="dump A, the reference: a torch dump (root, {PID}_{device} dir or token dir) or an ATB dump")
+    cmp.add_argument("-mp", "--my-path", required=True,
+                     help="dump B: an ATB dump (ait_dump/msit_dump_* root, rank dir or token dir) or a torch dump")
     cmp.add_argument("-mf", "--op-mapping-file", metavar="DIR", help="directory holding op_mapping_file.json")
     cmp.add_argument("-o", "--output", default=".", help="directory for ait_cmp_report_{TIMESTAMP}.csv (default .)")
     cmp.add_argument("--fail-on-breach", action="store_true", help="exit 1 when any pair breaches the tolerance")
@@ -118,16 +121,15 @@ def _compare(args) -> int:
     from .errors import AitLlmError
     from .compare.metrics import load_custom_metric
     from .compare.tolerance import Tolerance
-    from .formats.atb_layout import open_atb_dump
-    from .formats.torch_layout import open_torch_dump
+    from .formats.detect import open_dump  # a torch or an ATB dump on either side
     from .comparison_pass import describe as comparison_pass
 
     if args.update_baseline and not args.baseline:
         raise AitLlmError("--update-baseline needs --baseline FILE")
     tolerance = Tolerance.from_marker(mode=args.mode, **dict(args.tolerance))
     metrics = [load_custom_metric(spec) for spec in args.custom_metric]
-    golden = open_torch_dump(args.golden_path, allow_symlinks=args.allow_symlinks)
-    my = open_atb_dump(args.my_path, allow_symlinks=args.allow_symlinks)
+    golden = open_dump(args.golden_path, allow_symlinks=args.allow_symlinks)
+    my = open_dump(args.my_path, allow_symlinks=args.allow_symlinks)
     if args.tokens is not None:
         _check_tokens(args.tokens, golden, my)
     print(f"comparison pass: {comparison_pass()}", file=sys.stderr)

@@ -55,6 +55,9 @@ class Bug:
 
 
 BUGS: dict[str, Bug] = {
+    "rmsnorm_scale": Bug(
+        f"layer 3's post-attention RmsNorm output comes out {SCALE_ERROR:g}x too large (a 5 % scale error in a norm)",
+        "RmsNormOperation_4_8", "4_LlamaLayer/8_RmsNormOperation", "root.model.layers.3.post_attention_layernorm"),
     "rmsnorm_eps": Bug(
         f"layer 5's post_attention RmsNorm uses epsilon {WRONG_EPSILON:g} instead of the config's rms_norm_eps",
         "RmsNormOperation_6_8", "6_LlamaLayer/8_RmsNormOperation", "root.model.layers.5.post_attention_layernorm"),
@@ -261,7 +264,10 @@ def op_folders(topology: dict) -> list[tuple[str, dict]]:
 # Each kernel takes (param, inputs) and returns the outputs, computing in float32 and rounding the results to
 # bfloat16 once, as ATB's fused kernels do.
 
-BF16 = torch.bfloat16
+#: The port's working dtype: bfloat16, or float16 with PORT_DTYPE=float16 (a second build of the same port, to
+#: compare with the first). Read once at import: the port runs as its own process.
+PORT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+BF16 = PORT_DTYPES.get(os.environ.get("PORT_DTYPE") or "bfloat16", torch.bfloat16)
 
 
 def gather(param: dict, table: torch.Tensor, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -452,6 +458,8 @@ class LlamaPort:
                 outputs = KERNELS[node["opType"]](node["param"], *inputs)
             if self.bug == "scale" and node["opName"] == BUGS["scale"].op_name:
                 outputs = [(out.float() * SCALE_ERROR).to(BF16) for out in outputs]
+            if self.bug == "rmsnorm_scale" and node["opName"] == BUGS["rmsnorm_scale"].op_name:
+                outputs = [(out.float() * SCALE_ERROR).to(BF16) for out in outputs]
             env.update(zip(node["outTensors"], outputs))
             if recording:
                 self.recorder.save_tensors(token_id, rel_dir, saved_inputs, outputs)
@@ -496,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"PORT_BUG={args.bug!r}: expected one of {', '.join(sorted([*BUGS, *DRIFTS]))}")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be at least 1")
+    if (os.environ.get("PORT_DTYPE") or "bfloat16") not in PORT_DTYPES:
+        parser.error(f"PORT_DTYPE={os.environ['PORT_DTYPE']!r}: expected one of {', '.join(PORT_DTYPES)}")
 
     from pytest_ait_llm.dump.atb_writer import AtbDumpWriter
     from pytest_ait_llm.errors import AitLlmError

@@ -14,10 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AitLlmError
-from ..formats.atb_layout import AtbDump, open_atb_dump
-from ..formats.torch_layout import TorchDump, open_torch_dump
+from ..formats.atb_layout import AtbDump
+from ..formats.detect import is_atb_dump, open_dump
+from . import sides
+from .exact import exact_difference
 from .judge import build_result
 from .metrics import PairMetrics, compare_tensors, similarity
+from .output_check import check_outputs, output_rows
 from .plan import CompareOptions, Progress, Task, input_pairs, make_plan
 from .result import CompareResult
 
@@ -45,6 +48,7 @@ class TaskResult:
     reason: str = ""
     output_digests: tuple[bytes, bytes] | None = None
     inputs: list[InputError] = field(default_factory=list)
+    exact: dict[str, float] | None = None  # integer tensors: how many elements differ (compare/exact.py)
 
 
 def _why(exc: BaseException, path) -> str:
@@ -70,6 +74,7 @@ def compare_task(task: Task, options: CompareOptions) -> TaskResult:
         my = options.my.load(task.my)
         at = f"{task.golden} vs {task.my}"
         result.metrics = compare_tensors(golden, my, custom_metrics=options.custom_metrics)
+        result.exact = exact_difference(golden, my)
         if task.sampled:  # its pages were just read: the sample costs no I/O here
             result.output_digests = (sample_digest(golden), sample_digest(my))
     except Exception as exc:  # noqa: BLE001 - one pair's failure is that row's reason, whatever it is
@@ -152,7 +157,8 @@ def _with_dump_symlink_policy(options: CompareOptions, golden, my) -> CompareOpt
 
 
 def compare_dumps(golden, my, options: CompareOptions | None = None, **kwargs) -> CompareResult:
-    """Compare a torch (golden) dump with an ATB (my) dump. No file is written (see ``pytest_ait_llm.api``).
+    """Compare a torch (golden) dump with an ATB (my) dump, or two dumps of one kind (A as golden, B as my).
+    No file is written (see ``pytest_ait_llm.api``).
 
     ``golden``/``my`` are dump handles or paths (a dump root, a rank/pid dir, or a token dir). Either pass
     ``options`` or the keyword arguments of :meth:`CompareOptions.from_kwargs`.
@@ -161,13 +167,27 @@ def compare_dumps(golden, my, options: CompareOptions | None = None, **kwargs) -
         options = CompareOptions.from_kwargs(**kwargs)
     elif kwargs:
         raise TypeError("compare_dumps: pass options= or keyword arguments, not both")
-    golden_dump = golden if isinstance(golden, TorchDump) else \
-        open_torch_dump(golden, allow_symlinks=options.golden.allow_symlinks)
-    my_dump = my if isinstance(my, AtbDump) else open_atb_dump(my, allow_symlinks=options.my.allow_symlinks)
+    my_dump = open_dump(my, allow_symlinks=options.my.allow_symlinks)
+    torch_vs_atb = isinstance(my_dump, AtbDump) and not is_atb_dump(golden)  # the original question
+    golden_dump = open_dump(golden, allow_symlinks=options.golden.allow_symlinks)
     options = _with_dump_symlink_policy(options, golden_dump, my_dump)
-    plan = make_plan(golden_dump, my_dump, options)
+    by_sides = not torch_vs_atb  # ATB vs ATB, torch vs torch, ATB vs torch: sides.py
+    same_kind = isinstance(golden_dump, AtbDump) == isinstance(my_dump, AtbDump)
+    golden_side, my_side = (sides.sides(golden_dump, my_dump, options.tokens, options.ranks) if by_sides
+                            else (golden_dump, my_dump))
+    plan = make_plan(golden_side, my_side, options, same_kind=by_sides)
+    if same_kind and options.mapping_dir:
+        plan.notes.append(f"op mapping file {options.mapping_dir} ignored: two dumps of one kind pair by identity")
     from .parallel import run_tasks  # serial, threads or forked processes
 
     results = run_tasks(plan.tasks, options)
-    return build_result(plan, results, options, input_error,
-                        golden_root=str(golden_dump.root), my_root=str(my_dump.root))
+    result = build_result(plan, results, options, input_error,
+                          golden_root=str(golden_dump.root), my_root=str(my_dump.root))
+    result.notes = list(plan.notes)
+    if by_sides:
+        result.golden_label, result.my_label = "A", "B"
+    tolerance = options.tolerance  # the output check: logits and greedy tokens, judged beside the ops
+    result.output = check_outputs(golden_dump, my_dump, result.tokens, tolerance.output_bounds(),
+                                  tolerance.output.get("logits"))
+    result.rows[:0] = output_rows(result.output)  # first in the report
+    return result

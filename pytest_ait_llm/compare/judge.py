@@ -35,6 +35,8 @@ def build_result(plan: Plan, results: Sequence, options: CompareOptions, read_in
             row.reason, row.passed = task.skip, False
         else:
             row.metrics, row.reason = res.metrics, res.reason
+            if getattr(res, "exact", None):
+                row.extra = dict(res.exact)
             if res.metrics is None:
                 row.passed = False
         task_rows.append(row)

@@ -130,6 +130,7 @@ class Plan:
     tokens: list[int]
     graphs: list[RankGraph]
     checked: set[tuple[str, str]]  # (rank, rel_dir) of graph ops whose output is one of their parts' (judge.py)
+    notes: list[str] = field(default_factory=list)  # run-level remarks for the summary (e.g. pairing by identity)
 
 
 # ------------------------------------------------------------------------------------------------- file selection
@@ -167,7 +168,7 @@ _FLOAT = ("float32", "float16", "bfloat16", "float64")
 
 def primary_inputs(files: Sequence[Path]) -> list[Path]:
     """The module's activation inputs: its positional inputs, else its ``hidden_states`` keyword input."""
-    positional = [f for f in files if re.fullmatch(r"input(_\d+)*", _stem(f))]
+    positional = [f for f in files if re.fullmatch(r"input(_\d+)*|intensor\d+", _stem(f))]  # intensor: an ATB golden
     return positional or [f for f in files if _stem(f) == "input_hidden_states"]
 
 
@@ -215,14 +216,15 @@ def _try(load, path):
 class _Files:
     """The folder listings of one comparison: pairing, tasks and links ask for the same folders."""
 
-    def __init__(self, golden: TorchDump):
+    def __init__(self, golden: TorchDump, my: AtbDump | None = None):
         self.golden = golden
+        self.my_files = getattr(my, "op_files", op_files)  # a torch dump on the my side lists its own (sides.py)
         self.listed: dict[tuple, object] = {}
 
     def atb(self, token_dir: Path, op: AtbOp):
         key = ("atb", str(token_dir), op.rel_dir)
         if key not in self.listed:
-            self.listed[key] = op_files(token_dir, op)
+            self.listed[key] = self.my_files(token_dir, op)
         return self.listed[key]
 
     def torch(self, token: int, name: str):
@@ -232,10 +234,13 @@ class _Files:
         return self.listed[key]
 
 
-def make_plan(golden: TorchDump, my: AtbDump, options: CompareOptions) -> Plan:
-    """Pair the ops of every rank (from the evidence of the output shapes) and list the tasks of every token."""
-    table = mapping_table(options.mapping_dir)
-    files = _Files(golden)
+def make_plan(golden: TorchDump, my: AtbDump, options: CompareOptions, *, same_kind: bool = False) -> Plan:
+    """Pair the ops of every rank (from the evidence of the output shapes) and list the tasks of every token.
+
+    ``same_kind``: sides shown as golden/my by compare/sides.py (two dumps of one kind, paired by identity; or an
+    ATB dump as A and a torch dump as B, paired by the table)."""
+    table = None if same_kind else mapping_table(options.mapping_dir)
+    files = _Files(golden, my)
     plan = Plan([], [], [], [], [], set())
     tokens: set[int] = set()
     rank_errors: list[AitLlmError] = []
@@ -254,12 +259,18 @@ def make_plan(golden: TorchDump, my: AtbDump, options: CompareOptions) -> Plan:
         wanted = set(options.tokens) if options.tokens is not None else g_tokens | m_tokens
         common = sorted(g_tokens & m_tokens & wanted)
         for t in sorted((g_tokens ^ m_tokens) & wanted):
-            side = "torch" if t in g_tokens else "ATB"
+            side = ("A" if t in g_tokens else "B") if same_kind else ("torch" if t in g_tokens else "ATB")
             plan.rows.append(Row(t, 0, -1, rank_name, status=UNPAIRED, reason=f"token {t} dumped only on the {side} side"))
         if not common:
             continue
         tokens.update(common)
-        pairing = pair_ops(topology, golden.tree, table, _shapes_fit(rank, common[0], files, options))
+        if same_kind:
+            from .sides import pairing as side_pairing
+
+            pairing = side_pairing(golden, rank, files, options, common[0], plan.notes,
+                                   table or mapping_table(options.mapping_dir))
+        else:
+            pairing = pair_ops(topology, golden.tree, table, _shapes_fit(rank, common[0], files, options))
         plan.unpaired.extend(pairing.unpaired)
         plan.checked.update((rank_name, rel) for rel in output_checked_by_a_part(pairing.pairs))
         plan.rows.extend(_unpaired_row(u, rank_name, completion) for u in pairing.unpaired)

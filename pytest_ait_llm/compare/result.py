@@ -36,6 +36,7 @@ class Row:
     propagated: bool = False
     reason: str = ""  # cmp_fail_reason: why metrics are missing, or why the op is unpaired/skipped
     note: str = ""
+    extra: dict = field(default_factory=dict)  # exact integer comparison (compare/exact.py), output-check values
 
     @property
     def breached(self) -> bool:
@@ -67,6 +68,10 @@ class CompareResult:
     golden_root: str = ""
     my_root: str = ""
     tokens: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # run-level remarks, e.g. a mapping file that was not needed
+    output: Any = None  # compare.output_check.OutputCheck: logits and greedy tokens, judged beside the ops
+    golden_label: str = "torch"  # how messages name the sides: "A" and "B" unless torch vs ATB
+    my_label: str = "ATB"
 
     @property
     def compared(self) -> list[Row]:
@@ -79,7 +84,11 @@ class CompareResult:
     @property
     def passed(self) -> bool:
         """No breach, and something was compared: a comparison of nothing never passes silently."""
-        return bool(self.compared) and not self.breaches
+        return bool(self.compared) and not self.breaches and self.output_passed is not False
+
+    @property
+    def output_passed(self) -> bool | None:
+        return None if self.output is None else self.output.passed
 
     @property
     def first_divergence(self) -> Row | None:
@@ -94,10 +103,11 @@ class CompareResult:
 
     def summary(self) -> str:
         compared = self.compared
-        lines = [
+        lines = self.output.lines() if self.output is not None else []
+        lines += [
             f"pairs compared: {len(compared)} over {len(self.tokens)} token(s); "
-            f"breaches: {len(self.breaches)}; unpaired ops: {sum(1 for u in self.unpaired if u.side == 'atb')} ATB, "
-            f"{sum(1 for u in self.unpaired if u.side == 'torch')} torch",
+            f"breaches: {len(self.breaches)}; unpaired ops: {sum(1 for u in self.unpaired if u.side == 'atb')} "
+            f"{self.my_label}, {sum(1 for u in self.unpaired if u.side == 'torch')} {self.golden_label}",
         ]
         first = self.first_divergence
         if first is not None:
@@ -108,11 +118,21 @@ class CompareResult:
             for r in worst:
                 lines.append(f"  {r.metric('relative_euclidean_distance'):.3g}  {r.metric('cosine_similarity'):.6f}  {r.where}"
                              + ("  BREACH" if r.breached else ""))
+        lines.extend(f"note: {n}" for n in self.notes)
         if self.csv_path:
             lines.append(f"report: {self.csv_path}")
         return "\n".join(lines)
 
     def failure_message(self) -> str:
+        first = self.first_divergence
+        output = self.output.lines() if self.output_passed is False else []
+        if output and first is None:  # every op passed: what the user sees differs
+            return "\n".join(output + ([f"report: {self.csv_path}"] if self.csv_path else []))
+        if output:  # the root cause first, then what it did to the output
+            return self._op_failure_message() + "\n" + "\n".join(output)
+        return self._op_failure_message()
+
+    def _op_failure_message(self) -> str:
         first = self.first_divergence
         if first is None and not self.compared:
             reasons = sorted({r.reason for r in self.rows if r.status == UNPAIRED and r.token_id is not None
@@ -122,7 +142,7 @@ class CompareResult:
         if first is None:
             return "no breach"
         lines = [f"first divergent op: {first.atb_op} ({first.atb_op_name}, {first.my_op_type}) "
-                 f"<-> torch {first.torch_module} ({first.golden_op_type}), token {first.token_id}"]
+                 f"<-> {self.golden_label} {first.torch_module} ({first.golden_op_type}), token {first.token_id}"]
         if first.reason:
             lines.append(f"  {first.reason}")
         for b in first.breaches:
@@ -132,7 +152,7 @@ class CompareResult:
             lines.append(f"then {len(propagated)} later breach(es), marked propagated, e.g. {propagated[0].where}")
         n_atb = sum(1 for u in self.unpaired if u.side == "atb")
         if n_atb:
-            lines.append(f"{n_atb} ATB op(s) unpaired (see the CSV, status=unpaired)")
+            lines.append(f"{n_atb} {self.my_label} op(s) unpaired (see the CSV, status=unpaired)")
         if self.csv_path:
             lines.append(f"report: {self.csv_path}")
         return "\n".join(lines)

@@ -142,11 +142,39 @@ def _mode(raw: object) -> str:
 
 
 _STRUCTURAL = ("ops", "dtypes", "skip", "mode", "use_defaults")
+#: Keys of the output check (compare/output_check.py): its bounds, and ``logits``, the tensor it reads.
+OUTPUT_KEYS = ("top1", "topk", "logits_kl", "logits")
+
+
+def _output(raw: object) -> dict:
+    """Validated output-check keys: bounds in [0, 1] for top1/topk, >= 0 for logits_kl; logits a name or a pair."""
+    if not isinstance(raw, Mapping):
+        raise ToleranceError(f"ait_tolerance: output={raw!r} must be a dict of {{{', '.join(OUTPUT_KEYS)}: ...}}")
+    out: dict = {}
+    for key, value in raw.items():
+        if key == "logits":
+            ok = isinstance(value, str) and value or (isinstance(value, (tuple, list)) and len(value) == 2
+                                                      and all(isinstance(v, str) and v for v in value))
+            if not ok:
+                raise ToleranceError(f"ait_tolerance: logits={value!r} must be an op/module name or an (A, B) pair")
+            out[key] = value if isinstance(value, str) else tuple(value)
+        elif key in OUTPUT_KEYS:
+            v = _bound("relative_euclidean_distance", value, key)
+            if key != "logits_kl" and v > 1:
+                raise ToleranceError(f"ait_tolerance: {key}={value!r} is outside [0, 1]")
+            out[key] = v
+        else:
+            raise ToleranceError(f"ait_tolerance: unknown output-check key {key!r} (known: {', '.join(OUTPUT_KEYS)})")
+    return out
 
 
 def _split_kwargs(kwargs: dict) -> dict:
-    """Marker keywords as Tolerance fields: structural keys stay, everything else is a metric bound."""
+    """Marker keywords as Tolerance fields: structural keys stay, output-check keys go to ``output``, everything
+    else is a metric bound."""
     layer = {k: kwargs.pop(k) for k in _STRUCTURAL if k in kwargs}
+    output = {k: kwargs.pop(k) for k in OUTPUT_KEYS if k in kwargs}
+    if output:
+        layer["output"] = output
     layer["bounds"] = kwargs
     return layer
 
@@ -177,8 +205,10 @@ class Tolerance:
     skip: tuple[str, ...] = ()
     mode: str = "added"
     use_defaults: bool = True
+    output: dict = field(default_factory=dict)  # output-check bounds and the logits' name (OUTPUT_KEYS)
 
     def __post_init__(self) -> None:
+        self.output = _output(self.output)
         self.bounds = _bounds(self.bounds)
         self.ops = _nested(self.ops, "ops")
         self.dtypes = _nested(self.dtypes, "dtypes", dtype_keys=True)
@@ -200,7 +230,7 @@ class Tolerance:
         for i, arg in enumerate(args):
             if isinstance(arg, Tolerance):
                 layers.append({"bounds": arg.bounds, "ops": arg.ops, "dtypes": arg.dtypes, "skip": arg.skip,
-                               "mode": arg.mode, "use_defaults": arg.use_defaults})
+                               "mode": arg.mode, "use_defaults": arg.use_defaults, "output": arg.output})
             elif isinstance(arg, Mapping):
                 layers.append(_split_kwargs(dict(arg)))
             else:
@@ -226,7 +256,8 @@ class Tolerance:
             bounds={**self.bounds, **other.bounds}, ops=ops, dtypes=dtypes,
             skip=tuple(dict.fromkeys(self.skip + other.skip)),
             mode=self.mode if keep_mode else other.mode,
-            use_defaults=self.use_defaults if keep_defaults else other.use_defaults)
+            use_defaults=self.use_defaults if keep_defaults else other.use_defaults,
+            output={**self.output, **other.output})
 
     def bounds_for(self, op_type: str, op_name: str, dtype: str, *names: str) -> dict[str, float]:
         """Effective bounds for one op: defaults(dtype) < base bounds < dtypes[dtype] < ops[op_type] < op globs
@@ -240,6 +271,14 @@ class Tolerance:
         for key, entry in self.ops.items():
             if key != op_type and any(fnmatchcase(s, key) for s in subjects):
                 out.update(entry)
+        return out
+
+    def output_bounds(self) -> dict[str, float]:
+        """The output check's bounds: its defaults (unless use_defaults=False) under the ones given."""
+        from .output_check import OUTPUT_DEFAULTS
+
+        out = dict(OUTPUT_DEFAULTS) if self.use_defaults else {}
+        out.update((k, v) for k, v in self.output.items() if k != "logits")
         return out
 
     def is_skipped(self, op_type: str, op_name: str, *names: str) -> bool:

@@ -28,6 +28,10 @@ OUR_COLUMNS = [
     "effective_cosine_similarity", "effective_relative_euclidean_distance",
     "golden_nan_count", "golden_inf_count", "my_nan_count", "my_inf_count", "mapping_rule", "note",
 ]
+#: Appended after ours: the exact comparison of integer tensors, and the output check's per-step values (its rows
+#: come first, status "output_check", see compare/output_check.py). Values live in Row.extra.
+INT_AND_OUTPUT_COLUMNS = ["differing_elements", "differing_share", "max_abs_difference",
+                 "top1_agreement", "topk_overlap", "logits_kl", "golden_token", "my_token"]
 
 
 def _num(x) -> str:
@@ -63,13 +67,14 @@ def row_values(row: Row, custom_names: list[str]) -> list[str]:
         row.reason,
         row.golden_op_type, row.my_op_type, row.torch_module, row.atb_op, row.atb_op_name, row.rank,
         "" if row.order < 0 else str(row.order), row.status,
-        _flag(row.passed) if row.status == "compared" else "",
+        _flag(row.passed) if row.status in ("compared", "output_check") else "",
         str(row.first_divergence), str(row.propagated), "; ".join(str(b) for b in row.breaches),
         _num(inputs.get("cosine_similarity")), _num(inputs.get("relative_euclidean_distance")),
         _num(row.effective.get("cosine_similarity")), _num(row.effective.get("relative_euclidean_distance")),
         _num(g_stats.nan_count) if g_stats else "", _num(g_stats.inf_count) if g_stats else "",
         _num(m_stats.nan_count) if m_stats else "", _num(m_stats.inf_count) if m_stats else "",
         row.rule, row.note,
+        *[_num(row.extra.get(name)) for name in INT_AND_OUTPUT_COLUMNS],
     ]
     custom = m.custom if m is not None else {}
     values.extend(_num(custom.get(name)) if not isinstance(custom.get(name), str) else custom[name]
@@ -117,7 +122,7 @@ def write_csv(result: CompareResult, output_dir: str | Path, extra_columns=None)
     def write(temp: Path) -> None:
         with open(temp, "x", newline="", encoding="utf-8", errors="backslashreplace") as fh:
             writer = csv.writer(fh)
-            writer.writerow(AIT_COLUMNS + OUR_COLUMNS + custom + list(extra_names))
+            writer.writerow(AIT_COLUMNS + OUR_COLUMNS + INT_AND_OUTPUT_COLUMNS + custom + list(extra_names))
             for row in result.rows:
                 writer.writerow(row_values(row, custom) + list(extra_cells(row)))
 
@@ -133,4 +138,5 @@ def dataframe(result: CompareResult):
     import pandas as pd
 
     custom = custom_columns(result)
-    return pd.DataFrame([row_values(row, custom) for row in result.rows], columns=AIT_COLUMNS + OUR_COLUMNS + custom)
+    return pd.DataFrame([row_values(row, custom) for row in result.rows],
+                        columns=AIT_COLUMNS + OUR_COLUMNS + INT_AND_OUTPUT_COLUMNS + custom)

@@ -1,0 +1,114 @@
+"""The output check (compare/output_check.py) on logits a user would recognise, the output-check marker keys, and
+the exact comparison of integer tensors (compare/exact.py)."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from pytest_ait_llm.compare.exact import describe, exact_difference
+from pytest_ait_llm.compare.output_check import OUTPUT_DEFAULTS, StepCheck, compare_logits, judge_steps
+from pytest_ait_llm.compare.tolerance import Tolerance
+from pytest_ait_llm.errors import ToleranceError
+from pytest_ait_llm.formats.tensor import RawTensor
+
+VOCAB = 32
+
+
+def _logits(winner: int, runner_up: int, gap: float, rows: int = 1) -> np.ndarray:
+    x = np.linspace(-1.0, 0.0, VOCAB)[None, :].repeat(rows, 0)
+    x[:, runner_up] = 3.0
+    x[:, winner] = 3.0 + gap
+    return x
+
+
+def test_identical_logits_agree_everywhere_with_zero_kl():
+    a = _logits(5, 7, 0.5, rows=4)
+    top1, topk, kl, ta, tb = compare_logits(a, a.copy())
+    assert (top1, topk, kl, ta, tb) == (1.0, 1.0, 0.0, 5, 5)
+
+
+def test_a_near_tie_resolved_the_other_way_changes_the_greedy_token_but_hardly_the_kl():
+    a, b = _logits(5, 7, 0.01), _logits(7, 5, 0.01)
+    top1, topk, kl, ta, tb = compare_logits(a, b)
+    assert (top1, ta, tb) == (0.0, 5, 7)
+    assert topk == 1.0  # the same five candidates, in another order
+    assert 0 < kl < 1e-3
+
+
+def test_only_the_last_positions_are_compared_when_one_side_keeps_the_last_position_only():
+    prefill = np.concatenate([_logits(1, 2, 1.0, rows=15), _logits(9, 3, 1.0)])
+    top1, _, _, ta, tb = compare_logits(prefill, _logits(9, 3, 1.0))
+    assert (top1, ta, tb) == (1.0, 9, 9)
+
+
+def _step(token, a_token, b_token, kl=1e-5, top1=None):
+    return StepCheck(token, 1, 1.0 if top1 is None and a_token == b_token else (top1 or 0.0), 1.0, kl,
+                     a_token, b_token)
+
+
+def test_the_first_differing_greedy_token_is_named_first():
+    steps = [_step(0, 85, 85), _step(1, 144, 144), _step(2, 85, 34), _step(3, 144, 19, kl=0.2)]
+    breaches = judge_steps(steps, dict(OUTPUT_DEFAULTS))
+    assert breaches[0] == "greedy token differs at step 2: A picks 85, B picks 34"
+    assert "step 3: logits KL 0.2 > 0.001" in breaches
+
+
+def test_without_output_bounds_nothing_is_judged():
+    assert judge_steps([_step(0, 1, 2, kl=5.0)], {}) == []
+
+
+def test_marker_keys_of_the_output_check():
+    t = Tolerance.from_marker(cos=0.999, top1=0.5, logits_kl=0.01, logits="root.lm_head")
+    assert t.output_bounds() == {"top1": 0.5, "logits_kl": 0.01}
+    assert t.output["logits"] == "root.lm_head"
+    assert t.bounds == {"cosine_similarity": 0.999}
+    assert Tolerance.from_marker(use_defaults=False).output_bounds() == {}
+    assert Tolerance.from_marker(t, topk=0.8).output_bounds() == {"top1": 0.5, "logits_kl": 0.01, "topk": 0.8}
+
+
+@pytest.mark.parametrize("kwargs, text", [
+    ({"top1": 1.5}, "top1=1.5 is outside [0, 1]"),
+    ({"logits_kl": -1}, "logits_kl=-1 is negative"),
+    ({"logits": 3}, "logits=3 must be an op/module name or an (A, B) pair"),
+])
+def test_bad_output_keys_are_named(kwargs, text):
+    with pytest.raises(ToleranceError, match=re.escape(text)):
+        Tolerance.from_marker(**kwargs)
+
+
+def _raw(values, dtype) -> RawTensor:
+    data = np.asarray(values, dtype=dtype)
+    return RawTensor(data=data.reshape(-1), dtype=np.dtype(dtype).name, shape=data.shape)
+
+
+def test_int8_activations_are_compared_exactly():
+    golden = _raw(np.arange(-64, 64).reshape(2, 64), np.int8)
+    mine = golden.data.copy().reshape(2, 64)
+    mine[0, 3] += 1
+    mine[1, 7] -= 3
+    values = exact_difference(golden, _raw(mine, np.int8))
+    assert values == {"differing_elements": 2.0, "differing_share": 2 / 128, "max_abs_difference": 3.0}
+    assert describe(values) == "2 of 128 elements differ (1.56 %), by at most 3"
+
+
+def test_int32_values_far_apart_are_not_close_and_floats_are_left_to_the_float_metrics():
+    a = _raw([0, 2 ** 31 - 1], np.int32)
+    b = _raw([0, -2 ** 31], np.int32)
+    assert exact_difference(a, b)["max_abs_difference"] == float(2 ** 32 - 1)
+    assert exact_difference(_raw([1.0], np.float32), _raw([1.0], np.float32)) is None
+    assert exact_difference(_raw([1, 2], np.int8), _raw([1, 2, 3], np.int8)) is None  # shapes differ
+
+
+def test_a_top1_bound_of_zero_lets_a_differing_token_by():
+    assert judge_steps([_step(0, 85, 34)], {"top1": 0.0}) == []
+
+
+def test_a_long_prefill_is_read_from_its_last_positions_only(tmp_path):
+    from pytest_ait_llm.compare.output_check import MAX_POSITIONS, _load
+
+    logits = np.arange((MAX_POSITIONS + 10) * 4, dtype=np.float32).reshape(1, MAX_POSITIONS + 10, 4)
+    np.save(tmp_path / "output_logits.npy", logits)
+    rows = _load(tmp_path / "output_logits.npy", None)
+    assert rows.shape == (MAX_POSITIONS, 4) and rows[-1].tolist() == logits[0, -1].tolist()
