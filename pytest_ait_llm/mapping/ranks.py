@@ -1,0 +1,99 @@
+"""How each op of a tensor-parallel run is distributed over its ranks: replicated, or split along one dim.
+
+Decided per op from evidence, never from a list of op types:
+- shapes: the N ranks' shard shapes concatenate along exactly one dim to the counterpart's shape (split), or each
+  equals it (replicated);
+- content: a sample of each rank's file agrees across ranks (one tensor, replicated) or differs (slices);
+- topology params: an op that states ``rank``/``rankSize`` (a row-parallel ``LinearParallelOperation``) outputs
+  the all-reduced, full tensor on every rank.
+A shard whose shape happens to equal some full module's shape is *not* a fit for it: its content says slice, so
+only the concatenation may match. What the evidence cannot decide is ``unknown``, with the reason.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from ..formats.atb_topology import AtbOp
+
+REPLICATED, SPLIT, UNKNOWN = "replicated", "split", "unknown"
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """One op output's layout over the ranks: ``kind``, the split ``dim`` of the counterpart's shape and each
+    rank's extent along it (split only), and why (unknown: what did not fit)."""
+
+    kind: str
+    dim: int | None = None
+    sizes: tuple[int, ...] = ()
+    reason: str = ""
+
+
+def _text(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(int(d)) for d in shape) + "]"
+
+
+def _trimmed(shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape without leading size-1 dims ([1, s, h] and [s, h] are the same layout)."""
+    out = tuple(int(d) for d in shape)
+    while len(out) > 1 and out[0] == 1:
+        out = out[1:]
+    return out
+
+
+def split_dim(full_shape: Sequence[int], shard_shapes: Sequence[Sequence[int]]) -> tuple[int, tuple[int, ...]] | None:
+    """(dim of ``full_shape``, each shard's extent) when the shards, in order, concatenate along that one dim to
+    ``full_shape``; None otherwise. Leading size-1 dims are ignored on both sides."""
+    if len(shard_shapes) < 2:
+        return None
+    full = _trimmed(full_shape)
+    shards = [_trimmed(s) for s in shard_shapes]
+    offset = len(tuple(full_shape)) - len(full)
+    found = None
+    for dim in range(len(full)):
+        if any(len(s) != len(full) for s in shards):
+            return None
+        if all(s[:dim] + s[dim + 1:] == full[:dim] + full[dim + 1:] for s in shards) \
+                and sum(s[dim] for s in shards) == full[dim] and all(s[dim] > 0 for s in shards):
+            if found is not None:
+                return None  # two dims fit: the shapes cannot tell (never with N >= 2 and equal other dims)
+            found = (dim + offset, tuple(s[dim] for s in shards))
+    return found
+
+
+def is_all_reduced(op: AtbOp) -> bool:
+    """The op states its place in a parallel group (``rank`` and ``rankSize`` > 1): its output is the reduced,
+    full tensor on every rank (a row-parallel linear)."""
+    param = op.param if isinstance(op.param, dict) else {}
+    size = param.get("rankSize")
+    return isinstance(size, int) and not isinstance(size, bool) and size > 1 and "rank" in param
+
+
+def decide(full_shape: Sequence[int], shard_shapes: Sequence[Sequence[int]], *, content: str,
+           all_reduced: bool) -> Distribution:
+    """The distribution of one op output over N ranks given its counterpart's ``full_shape``, the ranks' shapes
+    (rank order), what their content said ("same", "distinct", "unknown") and whether the op states rank params."""
+    full = _trimmed(full_shape)
+    equal = all(_trimmed(s) == full for s in shard_shapes)
+    split = split_dim(full_shape, shard_shapes)
+    shapes = ", ".join(_text(s) for s in shard_shapes)
+    if all_reduced:
+        if equal:
+            return Distribution(REPLICATED, reason="rank params: all-reduced output")
+        return Distribution(UNKNOWN, reason=f"states rank params (all-reduced) but its outputs {shapes} are not "
+                                            f"the counterpart's {_text(full_shape)}")
+    if content == "distinct":
+        if split is not None:
+            return Distribution(SPLIT, split[0], split[1], "ranks hold different slices")
+        if equal:
+            return Distribution(UNKNOWN, reason=f"the ranks hold different values of the counterpart's shape "
+                                                f"{_text(full_shape)}: a shard whose shape merely equals it, or "
+                                                f"a replicated tensor the ranks disagree on")
+        return Distribution(UNKNOWN, reason=f"shards {shapes} concatenate along no dim to {_text(full_shape)}")
+    if equal:
+        return Distribution(REPLICATED, reason="ranks hold the same tensor" if content == "same" else
+                            "each rank holds the counterpart's shape")
+    if split is not None:
+        return Distribution(SPLIT, split[0], split[1], "shapes concatenate along one dim")
+    return Distribution(UNKNOWN, reason=f"shards {shapes} concatenate along no dim to {_text(full_shape)}")
