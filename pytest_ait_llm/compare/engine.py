@@ -672,6 +672,13 @@ def compare_dumps(golden, my, *, mapping_dir=None, tolerance: Tolerance | None =
     ``golden``/``my`` are dump handles or paths (a dump root, a rank/pid dir, or a token dir). ``allow_symlinks``
     applies to paths (None: the AIT_LLM_ALLOW_SYMLINKS environment variable decides).
     """
+    from .tensor_parallel import compare_tensor_parallel  # a TP run's ranks are compared as one (or rank to rank)
+
+    tp = compare_tensor_parallel(golden, my, single=compare_dumps, ranks=ranks, allow_symlinks=allow_symlinks,
+                                 mapping_dir=mapping_dir, tolerance=tolerance, tokens=tokens, workers=workers,
+                                 custom_metrics=custom_metrics, max_bin_bytes=max_bin_bytes, progress=progress)
+    if tp is not None:
+        return tp
     golden_dump = golden if isinstance(golden, TorchDump) else open_torch_dump(golden, allow_symlinks=allow_symlinks)
     my_dump = my if isinstance(my, AtbDump) else open_atb_dump(my, allow_symlinks=allow_symlinks)
     engine = Engine(golden_dump, my_dump, mapping_dir=mapping_dir, tolerance=tolerance, tokens=tokens,

@@ -29,7 +29,7 @@ from ..formats.ranks import RankedRun, content_evidence, token_problems
 from ..formats.tensor import RawTensor
 from ..formats.torch_layout import TorchDump, load_torch_tensor
 from ..mapping.pairing import OpPair, Unpaired, completion_order, pair_ops
-from ..mapping.ranks import REPLICATED, SPLIT, Distribution, decide, is_all_reduced
+from ..mapping.ranks import REPLICATED, SPLIT, Distribution, align_shared_targets, decide, is_all_reduced
 from ..mapping.rules import mapping_table
 from .merged import compare_merged, share_text, worst_shard
 from .metrics import compare_tensors
@@ -151,7 +151,8 @@ class TensorParallelComparison:
             dist = self.distribution(pair, probe)
             return None if dist is None else dist.kind in (REPLICATED, SPLIT)
         compatible.exact = compatible
-        pairing = pair_ops(topology, self.golden.tree, self.table, compatible)
+        pairing = align_shared_targets(pair_ops(topology, self.golden.tree, self.table, compatible), self.table,
+                                       compatible, order)
         unpaired = [self._explained(u) for u in pairing.unpaired]
         for u in unpaired:
             op = u.op
@@ -368,3 +369,77 @@ def _slice(golden: RawTensor, dim: int, start: int, width: int) -> RawTensor:
 def compare_run(golden: TorchDump, run: RankedRun, **kwargs) -> CompareResult:
     """Compare the TP ``run`` with the single-device ``golden`` (keywords: see :class:`TensorParallelComparison`)."""
     return TensorParallelComparison(golden, run, **kwargs).run_comparison()
+
+
+def compare_tensor_parallel(golden, my, *, single, ranks=None, allow_symlinks: bool | None = None,
+                            **kwargs) -> CompareResult | None:
+    """The comparison of a tensor-parallel ``my`` run, or None when ``my`` is not one (the caller compares as usual).
+
+    ``my`` is a TP run when its rank dirs' topologies state a parallel group (``rank``/``rankSize`` params), or
+    when ``ranks`` is ``["merged"]`` and it has two or more rank dirs. A path (root, rank dir or token dir) brings
+    in every rank of its run; an AtbDump handle is taken as it is. A ``golden`` path holding several rank dirs is a
+    TP golden: rank r is compared with golden rank r by ``single`` (the single-device comparison). ``kwargs``:
+    mapping_dir, tolerance, tokens, max_bin_bytes, custom_metrics, workers, progress.
+    """
+    from ..formats.atb_layout import AtbDump, open_atb_dump
+    from ..formats.ranks import is_tensor_parallel, open_run, torch_rank_dirs
+    from ..formats.torch_layout import open_torch_dump
+
+    dump = my if isinstance(my, AtbDump) else open_atb_dump(my, allow_symlinks=allow_symlinks)
+    if isinstance(my, AtbDump) and len(dump.ranks) < 2:
+        return None
+    root_ranks = dump.ranks if isinstance(my, AtbDump) else open_atb_dump(dump.root, allow_symlinks=allow_symlinks).ranks
+    if len(root_ranks) < 2:
+        return None
+    run = open_run(dump if isinstance(my, AtbDump) else dump.root, allow_symlinks=allow_symlinks)
+    wanted = [str(r) for r in ranks or () if r is not None]
+    if not is_tensor_parallel(run) and not (wanted == [MERGED] and run.size > 1):
+        return None
+    golden_ranks = [] if isinstance(golden, TorchDump) else torch_rank_dirs(golden)
+    if golden_ranks:
+        return compare_rank_to_rank(golden_ranks, run, single=single, ranks=wanted or None,
+                                    allow_symlinks=allow_symlinks, **kwargs)
+    golden_dump = golden if isinstance(golden, TorchDump) else open_torch_dump(golden, allow_symlinks=allow_symlinks)
+    options = {k: kwargs[k] for k in ("mapping_dir", "tolerance", "tokens", "max_bin_bytes", "custom_metrics")
+               if k in kwargs}
+    return compare_run(golden_dump, run, ranks=wanted or None, **options)
+
+
+def compare_rank_to_rank(golden_ranks: list[Path], run: RankedRun, *, single, ranks=None,
+                         allow_symlinks: bool | None = None, **kwargs) -> CompareResult:
+    """A TP golden (one torch rank dir per rank, device order) against the TP run: rank r with golden rank r, each
+    by the single-device comparison; one result whose rows carry the ATB rank."""
+    from ..formats.atb_layout import AtbDump
+
+    rows: list[Row] = [Row(None, 0, -1, _problem_rank(p), status=UNPAIRED, reason=p) for p in run.problems]
+    if len(golden_ranks) != run.size:
+        rows.append(Row(None, 0, -1, MERGED, status=UNPAIRED,
+                        reason=f"golden has {len(golden_ranks)} rank dirs ({', '.join(p.name for p in golden_ranks)}), "
+                               f"the ATB run {run.size}: ranks paired in order, the extra ones not compared"))
+    unpaired, tokens = [], set()
+    tolerance = kwargs.get("tolerance")
+    for index, (g_dir, rank) in enumerate(zip(golden_ranks, run.ranks)):
+        if ranks and not ({rank.path.name, str(rank.device_id), str(index)} & set(ranks)):
+            continue
+        one = AtbDump(run.dump.root, [rank], allow_symlinks=allow_symlinks)
+        try:
+            result = single(g_dir, one, allow_symlinks=allow_symlinks, **kwargs)
+        except AitLlmError as exc:
+            rows.append(Row(None, 0, -1, rank.path.name, status=UNPAIRED,
+                            reason=f"rank {index} vs golden {g_dir}: not compared: {exc}"))
+            continue
+        for row in result.rows:
+            row.note = _join(row.note, f"golden rank dir {g_dir.name}") if row.status == COMPARED else row.note
+            row.first_divergence = row.propagated = False
+        rows.extend(result.rows)
+        unpaired.extend(result.unpaired)
+        tokens.update(result.tokens)
+        tolerance = result.tolerance
+    rows.sort(key=lambda r: (r.token_id if r.token_id is not None else -1, r.order, r.data_id, r.rank))
+    first = True
+    for row in rows:
+        if row.breached:
+            row.first_divergence, row.propagated = first, not first
+            first = False
+    return CompareResult(rows, unpaired, tolerance, tokens=sorted(tokens),
+                         golden_root=str(golden_ranks[0].parent) if golden_ranks else "", my_root=str(run.dump.root))

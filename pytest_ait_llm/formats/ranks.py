@@ -29,6 +29,7 @@ class RankedRun:
     dump: AtbDump
     ranks: list[AtbRank]  # rank order: ranks[r] holds rank r's shards
     order_evidence: str  # "rank params" or "device ids"
+    expected: int = 0  # the rankSize the topologies state (0: none stated)
     problems: list[str] = field(default_factory=list)  # one line per rank dir that is not used, naming it
 
     @property
@@ -57,7 +58,7 @@ def open_run(path: str | os.PathLike | AtbDump, *, allow_symlinks: bool | None =
     topology cannot be read, or whose rank params clash with another's, are listed in ``problems`` and left out.
     """
     dump = path if isinstance(path, AtbDump) else open_atb_dump(path, allow_symlinks=allow_symlinks)
-    full = open_atb_dump(dump.root, allow_symlinks=dump.allow_symlinks) if not isinstance(path, AtbDump) else dump
+    full = open_atb_dump(dump.root, allow_symlinks=allow_symlinks) if not isinstance(path, AtbDump) else dump
     problems: list[str] = []
     usable: list[tuple[AtbRank, set[tuple[int, int]]]] = []
     for rank in full.ranks:
@@ -84,13 +85,13 @@ def open_run(path: str | os.PathLike | AtbDump, *, allow_symlinks: bool | None =
                 problems.append(f"rank {index} of {size}: no rank dir under {full.root / 'tensors'} (a rank that "
                                 f"died before dumping?); its shards are missing")
         ranks = [by_index[i] for i in sorted(by_index)]
-        return RankedRun(full, ranks, "rank params", problems)
+        return RankedRun(full, ranks, "rank params", expected=size, problems=problems)
     for rank, params in usable:
         if len(params) > 1:
             problems.append(f"rank dir {rank.path}: its topology states several ranks {sorted(params)}; "
                             f"ranks ordered by device id")
     ranks = sorted((r for r, _ in usable), key=lambda r: (r.device_id, r.pid))
-    return RankedRun(full, ranks, "device ids", problems)
+    return RankedRun(full, ranks, "device ids", problems=problems)
 
 
 def token_problems(run: RankedRun, tokens: set[int]) -> list[tuple[int, str]]:
@@ -136,3 +137,30 @@ def content_evidence(paths: list[Path], *, allow_symlinks: bool | None = None) -
         if not float(np.sqrt(np.dot(diff, diff))) / norm <= SAME_TENSOR:
             return "distinct"
     return "same"
+
+
+def is_tensor_parallel(run: RankedRun) -> bool:
+    """The topologies state a parallel group of two or more ranks (``rank``/``rankSize`` params)."""
+    return run.order_evidence == "rank params" and run.expected > 1
+
+
+def torch_rank_dirs(path: str | os.PathLike) -> list[Path]:
+    """The ``{PID}_{device}`` dirs of a torch dump dir that holds several (a TP golden run), in device order; one
+    or none: []. The device number (``npu3`` -> 3) orders them, then the name."""
+    from .torch_layout import _rank_candidates
+
+    p = Path(path)
+    try:
+        found = _rank_candidates(p) if p.is_dir() else []
+    except OSError:
+        return []
+    if len(found) < 2:
+        return []
+
+    def device(d: Path) -> tuple[int, str]:
+        parts = d.name.split("_")
+        digits = [int("".join(c for c in part if c.isdigit())) for part in parts
+                  if not part.isdigit() and any(c.isdigit() for c in part)]
+        return (digits[0] if digits else 1 << 30, d.name)
+
+    return sorted(found, key=device)

@@ -97,3 +97,70 @@ def decide(full_shape: Sequence[int], shard_shapes: Sequence[Sequence[int]], *, 
     if split is not None:
         return Distribution(SPLIT, split[0], split[1], "shapes concatenate along one dim")
     return Distribution(UNKNOWN, reason=f"shards {shapes} concatenate along no dim to {_text(full_shape)}")
+
+
+def align_shared_targets(pairing, table, compatible, order: dict[int, int]):
+    """Pair the ATB ops that their own rules left unpaired, aligning together, layer by layer, every op whose rule
+    maps it to the same torch type (``LinearOperation`` and ``LinearParallelOperation`` both map to ``Linear``).
+
+    Pairing aligns each rule's candidates alone. A TP port splits one torch type over two ATB types (the column-
+    parallel projections stay ``LinearOperation``, the row-parallel ones become ``LinearParallelOperation``), so
+    each list alone fits several modules (ambiguous); their union in execution order is the single-device list,
+    and position in the layer decides. Pairs are confirmed by ``compatible`` (the rank evidence) and kept only
+    when they lie in every best alignment. Returns ``pairing`` with those pairs moved out of ``unpaired``.
+    """
+    from .pairing import OpPair, align
+
+    def layer_of(op) -> int:
+        while op is not None:
+            for i, layer in enumerate(pairing.atb_layers):
+                if layer is op:
+                    return i
+            op = op.parent
+        return -1
+
+    def module_layer(module) -> int:
+        for i, layer in enumerate(pairing.torch_layers):
+            if module.name == layer.name or module.name.startswith(layer.name + "."):
+                return i
+        return -1
+
+    groups: dict[tuple[int, str], tuple[list, list]] = {}
+    torch_left = [u.op for u in pairing.unpaired if u.side == "torch" and u.op is not None]
+    for u in pairing.unpaired:
+        if u.side != "atb" or u.op is None:
+            continue
+        rules = table.rules_for_atb(u.op.op_type, u.op.op_name)
+        if not rules:
+            continue
+        rule = rules[0]
+        groups.setdefault((layer_of(u.op), rule.torch.type), ([], []))[0].append((u.op, rule))
+    for (layer, torch_type), (ops, _) in groups.items():
+        mods = [m for m in torch_left if module_layer(m) == layer and ops[0][1].matches_torch(m.type)]
+        if not mods:
+            continue
+        ops.sort(key=lambda item: order.get(id(item[0]), 0))
+        mods.sort(key=lambda m: m.order)
+
+        def make(i: int, j: int):
+            op, rule = ops[i]
+            return OpPair(atb=op, module=mods[j], rule=f"{rule.atb} -> {rule.torch}", atb_stem=rule.atb.stem,
+                          torch_stem=rule.torch.stem, note="aligned with the other ATB types mapped to "
+                                                           f"{torch_type} in this layer")
+        cache: dict = {}
+
+        def ok(i: int, j: int) -> bool:
+            if (i, j) not in cache:
+                cache[(i, j)] = compatible(make(i, j)) is not False
+            return cache[(i, j)]
+        kept, _, _ = align(len(ops), len(mods), ok)
+        if not kept:
+            continue
+        done_atb = {id(ops[i][0]) for i, _ in kept}
+        done_torch = {id(mods[j]) for _, j in kept}
+        pairing.pairs.extend(make(i, j) for i, j in kept)
+        pairing.unpaired = [u for u in pairing.unpaired if id(u.op) not in done_atb | done_torch]
+        torch_left = [m for m in torch_left if id(m) not in done_torch]
+    pairing.pairs.sort(key=lambda p: order.get(id(p.atb), 0))
+    return pairing
+
