@@ -6,6 +6,7 @@ models, written as 2 or 4 rank dirs; the golden is the single-device model dumpe
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -193,6 +194,11 @@ def test_tp_golden_is_compared_rank_to_rank(goldens, tmp_path):
                 torch.save(t[..., rank * width:(rank + 1) * width].clone(), path)
     result = compare_dumps(tmp_path / "golden_tp", my)
     assert result.passed, result.failure_message()
+    assert pairing_quality(result, truth) == (1.0, 1.0)
     q = [r for r in result.compared if r.atb_op == "1_DecoderLayer/1_LinearOperation" and r.token_id == 0]
-    assert sorted(r.rank for r in q) == ["0_5000", "1_5001"]
-    assert all("golden rank dir" in r.note for r in q)
+    assert [(r.rank, Path(r.golden_path).parents[2].name) for r in q] == [("0_5000", "700_npu0"), ("1_5001", "701_npu1")]
+
+    bad, _ = write_tp_mirror(golden, tmp_path / "bad", num_layers=LAYERS, world=2,
+                             faults={"root.model.layers.2.mlp.down_proj@0": 1.05})
+    first = compare_dumps(tmp_path / "golden_tp", bad).first_divergence
+    assert (first.torch_module, first.rank) == ("root.model.layers.2.mlp.down_proj", "0_5000")

@@ -674,7 +674,7 @@ def compare_dumps(golden, my, *, mapping_dir=None, tolerance: Tolerance | None =
     """
     from .tensor_parallel import compare_tensor_parallel  # a TP run's ranks are compared as one (or rank to rank)
 
-    tp = compare_tensor_parallel(golden, my, single=compare_dumps, ranks=ranks, allow_symlinks=allow_symlinks,
+    tp = compare_tensor_parallel(golden, my, ranks=ranks, allow_symlinks=allow_symlinks,
                                  mapping_dir=mapping_dir, tolerance=tolerance, tokens=tokens, workers=workers,
                                  custom_metrics=custom_metrics, max_bin_bytes=max_bin_bytes, progress=progress)
     if tp is not None:

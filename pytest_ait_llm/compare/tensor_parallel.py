@@ -10,7 +10,7 @@ shard of eight is not averaged away; the first divergence names the shard's rank
 
 With ``ranks`` given (the ``ait_rank`` parametrization) only those ranks are compared: their replicated ops, and
 their shards against their slices of the golden. A golden with ranks of its own is paired rank to rank by the
-caller (see :func:`compare_rank_to_rank`).
+comparison too (``golden_ranks``): each rank's file against the golden rank's.
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ from ..formats.ranks import RankedRun, content_evidence, token_problems
 from ..formats.tensor import RawTensor
 from ..formats.torch_layout import TorchDump, load_torch_tensor
 from ..mapping.pairing import OpPair, Unpaired, completion_order, pair_ops
-from ..mapping.ranks import REPLICATED, SPLIT, Distribution, align_shared_targets, decide, is_all_reduced
+from ..mapping.ranks import (REPLICATED, SPLIT, Distribution, align_shared_targets, decide, decide_rank_to_rank,
+                             is_all_reduced)
 from ..mapping.rules import mapping_table
 from .merged import compare_merged, share_text, worst_shard
 from .metrics import compare_tensors
@@ -85,8 +86,10 @@ class TensorParallelComparison:
 
     def __init__(self, golden: TorchDump, run: RankedRun, *, mapping_dir=None, tolerance: Tolerance | None = None,
                  tokens: Sequence[int] | None = None, ranks: Sequence[str | int] | None = None,
-                 max_bin_bytes: int | None = None, custom_metrics=()):
+                 max_bin_bytes: int | None = None, custom_metrics=(), golden_ranks: Sequence[TorchDump] = ()):
         self.golden, self.run = golden, run
+        #: a TP golden: one torch dump per rank, rank order (``golden`` is the first); compared rank to rank
+        self.golden_ranks = list(golden_ranks)
         self.table = mapping_table(mapping_dir)
         self.tolerance = tolerance or Tolerance()
         self.tokens = tokens
@@ -107,8 +110,11 @@ class TensorParallelComparison:
             out.append(files[0] if files else None)
         return out
 
-    def _golden_file(self, token: int, module: str, stem: str | None) -> Path | None:
-        files = _pick(self.golden.module_files(token, module).outputs, stem)
+    def _golden_file(self, token: int, module: str, stem: str | None, rank: int | None = None) -> Path | None:
+        golden = self.golden if rank is None else self.golden_ranks[rank]
+        if token not in golden.token_dirs:
+            return None
+        files = _pick(golden.module_files(token, module).outputs, stem)
         return files[0] if files else None
 
     # -- plan
@@ -125,7 +131,19 @@ class TensorParallelComparison:
             if g_shape is None or any(s is None for s in shapes):
                 return None
             evidence = content_evidence(mine, allow_symlinks=self.reader.allow_symlinks)
-            self.decisions[key] = decide(g_shape, shapes, content=evidence, all_reduced=is_all_reduced(pair.files_op))
+            if self.golden_ranks:
+                g_files = [self._golden_file(token, pair.module.name, pair.torch_stem, rank=r)
+                           for r in range(len(self.golden_ranks))]
+                if any(f is None for f in g_files):
+                    return None
+                g_shapes = [self.golden_reader.shape(f) for f in g_files]
+                g_evidence = content_evidence(g_files, allow_symlinks=self.golden_reader.allow_symlinks,
+                                              load=self.golden_reader.load)
+                self.decisions[key] = decide_rank_to_rank(g_shapes, shapes, golden_content=g_evidence,
+                                                          content=evidence, all_reduced=is_all_reduced(pair.files_op))
+            else:
+                self.decisions[key] = decide(g_shape, shapes, content=evidence,
+                                             all_reduced=is_all_reduced(pair.files_op))
         return self.decisions[key]
 
     def run_comparison(self) -> CompareResult:
@@ -195,7 +213,7 @@ class TensorParallelComparison:
             row = self._row(pair, token, order, MERGED, g_path, "")
             row.status, row.reason = "skipped", "skipped by the tolerance's skip= list"
             return [row]
-        if g_path is None or missing or dist is None:
+        if (g_path is None and not self.golden_ranks) or missing or dist is None:
             row = self._row(pair, token, order, MERGED if not missing else names[missing[0]], g_path,
                             ";".join(str(m or "") for m in mine))
             if g_path is None:
@@ -205,6 +223,8 @@ class TensorParallelComparison:
                                        f"this op (a rank cut short?)" for i in missing) or "distribution unknown"
             row.passed = False
             return [row]
+        if self.golden_ranks:
+            return self._rank_to_rank_rows(pair, token, order, mine, indices, dist)
         if dist.kind == SPLIT:
             return self._split_rows(pair, token, order, g_path, mine, dist)
         return self._replicated_rows(pair, token, order, g_path, mine, indices)
@@ -252,12 +272,30 @@ class TensorParallelComparison:
                                                    f"carries {shares[worst].error_share:.0%} of the error")
         return [row]
 
-    def _replicated_rows(self, pair, token, order, g_path, mine, indices) -> list[Row]:
+    def _rank_to_rank_rows(self, pair, token, order, mine, indices, dist) -> list[Row]:
+        """Rank r's file against golden rank r's, for every rank; replicated ops also checked across ranks."""
+        goldens = [self._golden_file(token, pair.module.name, pair.torch_stem, rank=r) if r < len(self.golden_ranks)
+                   else None for r in range(len(mine))]
+        rows = self._replicated_rows(pair, token, order, goldens, mine, indices,
+                                     consistency=dist.kind == REPLICATED)
+        for row in rows:
+            if row.rank != CONSISTENCY:
+                row.note = _join(row.note, f"rank to rank ({dist.kind}), golden {Path(row.golden_path).parents[2].name}"
+                                 if row.golden_path else f"rank to rank ({dist.kind})")
+        return rows
+
+    def _replicated_rows(self, pair, token, order, g_path, mine, indices, consistency: bool = True) -> list[Row]:
+        """One row per rank against the golden (``g_path``: one file, or one per rank), then the consistency row."""
         rows, seen = [], []
         for i in indices:
-            row = self._row(pair, token, order, self.run.ranks[i].path.name, g_path, str(mine[i]))
+            golden_path = g_path[i] if isinstance(g_path, list) else g_path
+            row = self._row(pair, token, order, self.run.ranks[i].path.name, golden_path, str(mine[i]))
+            if golden_path is None:
+                row.reason, row.passed = f"golden rank {i}: no output tensor for this module", False
+                rows.append(row)
+                continue
             try:
-                row.metrics = compare_tensors(self.golden_reader.load(g_path), self.reader.load(mine[i]),
+                row.metrics = compare_tensors(self.golden_reader.load(golden_path), self.reader.load(mine[i]),
                                               custom_metrics=self.custom_metrics)
             except (AitLlmError, OSError) as exc:
                 row.reason, row.passed = f"cannot read: {exc}", False
@@ -268,7 +306,7 @@ class TensorParallelComparison:
             self._judge(row)
             rows.append(row)
             seen.append((i, row.metrics))
-        if self.only is None and len(seen) > 1:
+        if consistency and self.only is None and len(seen) > 1:
             finding = self._consistency(pair, token, order, mine, seen)
             if finding is not None:
                 rows.append(finding)
@@ -371,15 +409,15 @@ def compare_run(golden: TorchDump, run: RankedRun, **kwargs) -> CompareResult:
     return TensorParallelComparison(golden, run, **kwargs).run_comparison()
 
 
-def compare_tensor_parallel(golden, my, *, single, ranks=None, allow_symlinks: bool | None = None,
+def compare_tensor_parallel(golden, my, *, ranks=None, allow_symlinks: bool | None = None,
                             **kwargs) -> CompareResult | None:
     """The comparison of a tensor-parallel ``my`` run, or None when ``my`` is not one (the caller compares as usual).
 
     ``my`` is a TP run when its rank dirs' topologies state a parallel group (``rank``/``rankSize`` params), or
     when ``ranks`` is ``["merged"]`` and it has two or more rank dirs. A path (root, rank dir or token dir) brings
     in every rank of its run; an AtbDump handle is taken as it is. A ``golden`` path holding several rank dirs is a
-    TP golden: rank r is compared with golden rank r by ``single`` (the single-device comparison). ``kwargs``:
-    mapping_dir, tolerance, tokens, max_bin_bytes, custom_metrics, workers, progress.
+    TP golden: rank r is compared with golden rank r (pairing still decided by the rank evidence of both sides).
+    ``kwargs``: mapping_dir, tolerance, tokens, max_bin_bytes, custom_metrics (workers, progress: unused).
     """
     from ..formats.atb_layout import AtbDump, open_atb_dump
     from ..formats.ranks import is_tensor_parallel, open_run, torch_rank_dirs
@@ -395,51 +433,16 @@ def compare_tensor_parallel(golden, my, *, single, ranks=None, allow_symlinks: b
     wanted = [str(r) for r in ranks or () if r is not None]
     if not is_tensor_parallel(run) and not (wanted == [MERGED] and run.size > 1):
         return None
-    golden_ranks = [] if isinstance(golden, TorchDump) else torch_rank_dirs(golden)
-    if golden_ranks:
-        return compare_rank_to_rank(golden_ranks, run, single=single, ranks=wanted or None,
-                                    allow_symlinks=allow_symlinks, **kwargs)
-    golden_dump = golden if isinstance(golden, TorchDump) else open_torch_dump(golden, allow_symlinks=allow_symlinks)
     options = {k: kwargs[k] for k in ("mapping_dir", "tolerance", "tokens", "max_bin_bytes", "custom_metrics")
                if k in kwargs}
+    golden_dirs = [] if isinstance(golden, TorchDump) else torch_rank_dirs(golden)
+    if golden_dirs:
+        golden_ranks = [open_torch_dump(d, allow_symlinks=allow_symlinks) for d in golden_dirs]
+        result = compare_run(golden_ranks[0], run, ranks=wanted or None, golden_ranks=golden_ranks, **options)
+        if len(golden_dirs) != run.size:
+            result.rows.insert(0, Row(None, 0, -1, MERGED, status=UNPAIRED, reason=(
+                f"golden has {len(golden_dirs)} rank dirs ({', '.join(d.name for d in golden_dirs)}), the ATB run "
+                f"{run.size}: ranks paired in order, the others not compared")))
+        return result
+    golden_dump = golden if isinstance(golden, TorchDump) else open_torch_dump(golden, allow_symlinks=allow_symlinks)
     return compare_run(golden_dump, run, ranks=wanted or None, **options)
-
-
-def compare_rank_to_rank(golden_ranks: list[Path], run: RankedRun, *, single, ranks=None,
-                         allow_symlinks: bool | None = None, **kwargs) -> CompareResult:
-    """A TP golden (one torch rank dir per rank, device order) against the TP run: rank r with golden rank r, each
-    by the single-device comparison; one result whose rows carry the ATB rank."""
-    from ..formats.atb_layout import AtbDump
-
-    rows: list[Row] = [Row(None, 0, -1, _problem_rank(p), status=UNPAIRED, reason=p) for p in run.problems]
-    if len(golden_ranks) != run.size:
-        rows.append(Row(None, 0, -1, MERGED, status=UNPAIRED,
-                        reason=f"golden has {len(golden_ranks)} rank dirs ({', '.join(p.name for p in golden_ranks)}), "
-                               f"the ATB run {run.size}: ranks paired in order, the extra ones not compared"))
-    unpaired, tokens = [], set()
-    tolerance = kwargs.get("tolerance")
-    for index, (g_dir, rank) in enumerate(zip(golden_ranks, run.ranks)):
-        if ranks and not ({rank.path.name, str(rank.device_id), str(index)} & set(ranks)):
-            continue
-        one = AtbDump(run.dump.root, [rank], allow_symlinks=allow_symlinks)
-        try:
-            result = single(g_dir, one, allow_symlinks=allow_symlinks, **kwargs)
-        except AitLlmError as exc:
-            rows.append(Row(None, 0, -1, rank.path.name, status=UNPAIRED,
-                            reason=f"rank {index} vs golden {g_dir}: not compared: {exc}"))
-            continue
-        for row in result.rows:
-            row.note = _join(row.note, f"golden rank dir {g_dir.name}") if row.status == COMPARED else row.note
-            row.first_divergence = row.propagated = False
-        rows.extend(result.rows)
-        unpaired.extend(result.unpaired)
-        tokens.update(result.tokens)
-        tolerance = result.tolerance
-    rows.sort(key=lambda r: (r.token_id if r.token_id is not None else -1, r.order, r.data_id, r.rank))
-    first = True
-    for row in rows:
-        if row.breached:
-            row.first_divergence, row.propagated = first, not first
-            first = False
-    return CompareResult(rows, unpaired, tolerance, tokens=sorted(tokens),
-                         golden_root=str(golden_ranks[0].parent) if golden_ranks else "", my_root=str(run.dump.root))

@@ -112,16 +112,17 @@ SAMPLE = 4096
 SAME_TENSOR = 0.5
 
 
-def content_evidence(paths: list[Path], *, allow_symlinks: bool | None = None) -> str:
+def content_evidence(paths: list[Path], *, allow_symlinks: bool | None = None, load=None) -> str:
     """Whether the ranks' files of one op output hold the same tensor ("same"), different slices ("distinct") or
     cannot tell ("unknown": fewer than two readable files, all zero, or different shapes).
 
     Only the first SAMPLE elements are read: a replicated tensor agrees everywhere, shards differ from the start.
+    ``load``: path -> RawTensor for files that are not ATB .bin (a TP golden's .pth files).
     """
     samples = []
     for path in paths:
         try:
-            t = read_bin(path, allow_symlinks=allow_symlinks)
+            t = load(path) if load is not None else read_bin(path, allow_symlinks=allow_symlinks)
         except (AitLlmError, OSError):
             continue
         flat = t.data.reshape(-1)[: min(SAMPLE, t.numel)]

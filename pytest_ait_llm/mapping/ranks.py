@@ -99,6 +99,21 @@ def decide(full_shape: Sequence[int], shard_shapes: Sequence[Sequence[int]], *, 
     return Distribution(UNKNOWN, reason=f"shards {shapes} concatenate along no dim to {_text(full_shape)}")
 
 
+def decide_rank_to_rank(golden_shapes: Sequence[Sequence[int]], shapes: Sequence[Sequence[int]], *,
+                        golden_content: str, content: str, all_reduced: bool) -> Distribution:
+    """The distribution of one op output when the golden has ranks too: each rank's shape must equal the golden
+    rank's, and both sides must hold the same kind (slices on both, or one tensor on both)."""
+    if len(golden_shapes) != len(shapes) or any(_trimmed(g) != _trimmed(m) for g, m in zip(golden_shapes, shapes)):
+        return Distribution(UNKNOWN, reason=f"rank shapes {', '.join(_text(s) for s in shapes)} differ from the golden "
+                                            f"ranks' {', '.join(_text(s) for s in golden_shapes)}")
+    kinds = {"same": REPLICATED, "distinct": SPLIT}
+    mine = REPLICATED if all_reduced else kinds.get(content)
+    golden = kinds.get(golden_content)
+    if mine and golden and mine != golden:
+        return Distribution(UNKNOWN, reason=f"the ATB ranks hold a {mine} tensor, the golden ranks a {golden} one")
+    return Distribution(mine or golden or REPLICATED, reason="rank to rank")
+
+
 def align_shared_targets(pairing, table, compatible, order: dict[int, int]):
     """Pair the ATB ops that their own rules left unpaired, aligning together, layer by layer, every op whose rule
     maps it to the same torch type (``LinearOperation`` and ``LinearParallelOperation`` both map to ``Linear``).
