@@ -3,9 +3,10 @@
 For each shape (a column-parallel activation [1, seq, width] split over the last dim, as q/k/v and gate/up are),
 the golden is one float32 file and "my" side one bf16 file (TP=1) or N bf16 shard files (TP=N, each
 [1, seq, width/N]). Both are compared with the fused pass: ``compare_tensors`` for TP=1, ``compare_merged`` for
-TP=N (the ranks' slices fed in order, the concatenation never built). Each measurement runs in its own process,
-files in the page cache (one warm-up pass), best CPU time of ``--repeat``; peak memory is the process's ``ru_maxrss``
-(mapped file pages it touched included) and the tracemalloc peak (buffers the pass allocated).
+TP=N (the ranks' slices fed in order, the concatenation never built). The sizes are timed in turns in one process
+(files in the page cache after a warm-up pass), best CPU time of ``--repeat`` each; peak memory is ``ru_maxrss`` of
+a process that compares one size once (mapped file pages it touched included) and the tracemalloc peak (buffers
+the pass allocated).
 
     .venv/bin/python bench/bench_tp.py                 # both passes, TP=1/2/4/8, ~2 min
     .venv/bin/python bench/bench_tp.py --quick         # one small shape
@@ -41,8 +42,10 @@ def write_files(root: Path, shape: tuple[int, ...], worlds: list[int]) -> None:
                       dtype="bfloat16")
 
 
-def probe(root: Path, world: int, repeat: int) -> dict:
-    """One measured process: best time of ``repeat`` comparisons, its peak memory, and the metrics."""
+def probe(root: Path, worlds: list[int], repeat: int) -> dict:
+    """One measured process: for each TP size, the best CPU time of ``repeat`` comparisons taken in turns (TP=1,
+    TP=2, ... TP=1, TP=2, ...: on a shared machine every size then sees the same load), the tracemalloc peak,
+    and the metrics. With one size only, ``maxrss_mb`` is this process's peak after one comparison."""
     import resource
     import time
     import tracemalloc
@@ -54,31 +57,32 @@ def probe(root: Path, world: int, repeat: int) -> dict:
 
     golden_map = np.load(root / "golden.npy", mmap_mode="r")
     golden = RawTensor(golden_map, "float32", tuple(golden_map.shape))
-    shards = [read_bin(root / f"tp{world}_rank{r}.bin") for r in range(world)]
+    shards = {w: [read_bin(root / f"tp{w}_rank{r}.bin") for r in range(w)] for w in worlds}
 
-    def once():
+    def once(world: int):
         if world == 1:
-            return compare_tensors(golden, shards[0]).values
-        return compare_merged(golden, shards, len(golden.shape) - 1)[0].values
+            return compare_tensors(golden, shards[1][0]).values
+        return compare_merged(golden, shards[world], len(golden.shape) - 1)[0].values
 
-    once()  # warm: pages in the cache and mapped
-    best = float("inf")
-    tracemalloc.start()
+    out = {w: {"seconds": float("inf")} for w in worlds}
+    for w in worlds:  # warm: pages in the cache and mapped
+        tracemalloc.start()
+        out[w]["values"] = once(w)
+        out[w]["traced_mb"] = tracemalloc.get_traced_memory()[1] / 2 ** 20
+        tracemalloc.stop()
+    out["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     for _ in range(repeat):
-        start = time.process_time()  # CPU time: the machine is shared, wall time swings with the others' load
-        values = once()
-        best = min(best, time.process_time() - start)
-    traced = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    return {"seconds": best, "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "traced_mb": traced / 2 ** 20, "red": values["relative_euclidean_distance"],
-            "cos": values["cosine_similarity"]}
+        for w in worlds:
+            start = time.process_time()  # CPU time: the machine is shared, wall time swings with the others' load
+            once(w)
+            out[w]["seconds"] = min(out[w]["seconds"], time.process_time() - start)
+    return out
 
 
-def measure(root: Path, world: int, repeat: int, kernel: str) -> dict:
+def measure(root: Path, worlds: list[int], repeat: int, kernel: str) -> dict:
     env = {**os.environ, "AIT_LLM_KERNEL": kernel, "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, __file__, "--probe", str(root), str(world), str(repeat)], env=env,
-                         capture_output=True, text=True, check=True)
+    cmd = [sys.executable, __file__, "--probe", str(root), ",".join(map(str, worlds)), str(repeat)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -90,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.probe:
-        print(json.dumps(probe(Path(args.probe[0]), int(args.probe[1]), int(args.probe[2]))))
+        worlds = [int(w) for w in args.probe[1].split(",")]
+        result = probe(Path(args.probe[0]), worlds, int(args.probe[2]))
+        print(json.dumps({str(k): v for k, v in result.items()}))
         return 0
     sys.path.insert(0, str(REPO))
     from pytest_ait_llm.compare import fastpass
@@ -104,13 +110,14 @@ def main(argv: list[str] | None = None) -> int:
             root = Path(tmp)
             write_files(root, shape, worlds)
             for kernel in kernels:
-                base = None
+                timed = measure(root, worlds, args.repeat, kernel)
+                base = timed["1"]["seconds"]
                 for world in worlds:
-                    m = measure(root, world, args.repeat, kernel)
-                    base = base or m["seconds"]
+                    m = timed[str(world)]
+                    peak = measure(root, [world], 0, kernel)["maxrss_mb"]  # alone: its own peak
                     print(f"| {list(shape)} | {kernel} | {world} | {m['seconds'] * 1e3:.1f} | "
-                          f"{m['seconds'] / base:.2f} | {m['maxrss_mb']:.0f} | {m['traced_mb']:.1f} | "
-                          f"{m['red']:.6f} |", flush=True)
+                          f"{m['seconds'] / base:.2f} | {peak:.0f} | {m['traced_mb']:.1f} | "
+                          f"{m['values']['relative_euclidean_distance']:.6f} |", flush=True)
     return 0
 
 
