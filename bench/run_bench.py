@@ -60,28 +60,24 @@ GB = 1e9
 def list_pairs(golden: Path, my: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]], int]:
     """(output pairs, input pairs, how many input pairs are linked to a producer's pair), without comparing.
 
-    Uses the engine's task list (``Engine._compute`` replaced by a recorder); output pairs are the report's rows,
-    input pairs judge each op on the error it adds. A linked input pair takes its producer's error when a sample of
-    its bytes matches (it is then not read through); the others are read in full.
+    From the engine's plan: output pairs are the report's rows, input pairs judge each op on the error it adds. A
+    linked input pair takes its producer's error when a sample of its bytes matches (it is then not read through);
+    the others are read in full.
     """
-    from pytest_ait_llm.compare.engine import Engine, input_pairs
-    from pytest_ait_llm.compare.result import COMPARED
+    from pytest_ait_llm.compare.plan import CompareOptions, input_pairs, make_plan
     from pytest_ait_llm.formats.atb_layout import open_atb_dump
     from pytest_ait_llm.formats.torch_layout import open_torch_dump
 
-    engine = Engine(open_torch_dump(golden), open_atb_dump(my))
-    tasks: list = []
-    engine._compute = tasks.extend
-    engine.run()
-    outputs = [(str(t.golden), str(t.my)) for t in tasks
-               if t.golden and t.my and t.row.status == COMPARED and t.row.passed is not False]
+    options = CompareOptions()
+    plan = make_plan(open_torch_dump(golden), open_atb_dump(my), options)
+    tasks = [t for t in plan.tasks if not t.skip]
+    outputs = [(str(t.golden), str(t.my)) for t in tasks]
     inputs, linked = [], 0
     for t in tasks:
-        if t.row.status != COMPARED or t.row.passed is False:
-            continue
-        for g, m, name in input_pairs(*t.input_files, engine.my_opts):
+        links = dict(t.links)
+        for g, _, m, _, name in input_pairs(t, options):
             inputs.append((str(g), str(m)))
-            linked += name in (t.links or {})
+            linked += name in links
     return outputs, inputs, linked
 
 

@@ -23,7 +23,7 @@ from atb_mirror import golden_llama_dump, write_mirror
 from pytest_ait_llm.api import run_compare
 from pytest_ait_llm.errors import AitLlmError, FormatError, LayoutError
 from pytest_ait_llm.formats.atb_bin import read_bin, write_bin
-from pytest_ait_llm.formats.atomic import ALLOW_SYMLINKS_ENV
+from pytest_ait_llm.formats.safe_io import ALLOW_SYMLINKS_ENV
 from pytest_ait_llm.formats.torch_layout import open_torch_dump
 
 LAYERS = 3

@@ -23,7 +23,7 @@ from pytest_ait_llm.api import run_compare
 from pytest_ait_llm.dump.atb_writer import AtbDumpWriter
 from pytest_ait_llm.dump.torch_hooks import DumpConfig, register_hook
 from pytest_ait_llm.errors import FormatError
-from pytest_ait_llm.formats import atomic
+from pytest_ait_llm.formats import safe_io as atomic
 from pytest_ait_llm.formats.atb_bin import read_bin, write_bin
 from pytest_ait_llm.formats.atb_layout import op_files
 from pytest_ait_llm.formats.atb_topology import parse_topology
@@ -96,7 +96,7 @@ KILLED_WRITER = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
     import numpy as np
-    from pytest_ait_llm.formats import atomic
+    from pytest_ait_llm.formats import safe_io as atomic
 
     target, mode = Path(sys.argv[1]), sys.argv[2]
     header = b"$Version=1.0\\n$Object.Count=1\\nformat=2\\ndtype=0\\ndims=1024\\n$End=1\\n"

@@ -216,3 +216,167 @@ def test_cli_custom_metric_becomes_a_csv_column(golden, healthy, tmp_path):
     compared = [r for r in rows if r["status"] == "compared"]
     assert compared and all(float(r["peak_gap"]) >= 0 for r in compared)
     assert any(float(r["peak_gap"]) > 0 for r in compared)  # bf16 rounding moves some maxima
+
+
+# ------------------------------------------------------------------------------------ input error of linked inputs
+
+def _by_key(result):
+    return {(r.token_id, r.atb_op, r.data_id): r for r in result.compared}
+
+
+def test_input_errors_taken_from_producers_equal_the_ones_read_from_the_files(golden, healthy, tmp_path,
+                                                                               monkeypatch):
+    """An input whose sample matches its producer's output takes that pair's error; reading it gives the same."""
+    from pytest_ait_llm.compare import engine
+
+    linked = run_compare(golden, healthy[0], output_dir=tmp_path / "a")
+    monkeypatch.setattr(engine, "sample_digest", lambda t: np.random.bytes(16))  # no sample ever matches
+    read = run_compare(golden, healthy[0], output_dir=tmp_path / "b")
+    a, b = _by_key(linked), _by_key(read)
+    assert a.keys() == b.keys() and sum(r.input_metrics is not None for r in a.values()) > len(a) // 2
+    for key in a:
+        assert (a[key].input_metrics is None) == (b[key].input_metrics is None), key
+        for name, value in (b[key].input_metrics or {}).items():
+            assert a[key].input_metrics[name] == pytest.approx(value, rel=1e-9, abs=1e-15), (key, name)
+        assert a[key].passed == b[key].passed and a[key].breaches == b[key].breaches, key
+
+
+def test_an_input_changed_after_its_producer_was_dumped_is_read_not_reused(golden, healthy, tmp_path):
+    """The consumer's own intensor file differs from the producer's outtensor (an in-place write in between):
+    its input error must come from the file, i.e. show the change."""
+    from atb_mirror import rewritten_copy
+
+    mine = tmp_path / "my"
+    # the q_proj of layer 1 reads the output of that layer's input norm; spoil its copy of that tensor only
+    target = rewritten_copy(healthy[0], mine, "intensor0.bin", lambda values: values * 1.5)
+    result = run_compare(golden, mine, output_dir=tmp_path / "out")
+    consumer = [r for r in result.compared if Path(r.my_path).parent.parent == target.parent.parent]
+    assert consumer, "the spoiled op was compared"
+    for row in consumer:
+        assert row.input_metrics["relative_euclidean_distance"] > 0.3  # the 50 % error in its input file is seen
+
+
+def test_sample_digest_covers_dtype_shape_and_sampled_bytes():
+    from pytest_ait_llm.compare.engine import SAMPLE_ENDS, SAMPLE_WINDOWS, sample_digest
+    from pytest_ait_llm.formats.tensor import RawTensor
+
+    values = np.random.default_rng(0).standard_normal(100_000).astype(np.float32)
+    a = sample_digest(RawTensor(values, "float32", (100_000,)))
+    assert a == sample_digest(RawTensor(values.copy(), "float32", (100_000,)))
+    assert a != sample_digest(RawTensor(values.reshape(1000, 100), "float32", (1000, 100)))
+    assert a != sample_digest(RawTensor(values.astype(np.float16), "float16", (100_000,)))
+    in_a_window = SAMPLE_ENDS + (100_000 - 2 * SAMPLE_ENDS) // SAMPLE_WINDOWS * (SAMPLE_WINDOWS // 2) + 3
+    for where in (0, 500, in_a_window, 99_999):  # at an end, in a sampled window, the last element
+        changed = values.copy()
+        changed[where] += 1.0
+        assert a != sample_digest(RawTensor(changed, "float32", (100_000,))), where
+
+
+# ------------------------------------------------------------------ one bad file costs its row, never the report
+# Each case damages one file of a copy of the healthy dumps; the comparison runs in worker processes (where an
+# escaping error once aborted the whole run); the damaged row names the file and every other row is as healthy.
+
+Q_PROJ = "root.model.layers.1.self_attn.q_proj"
+
+
+def _copy(src: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dest, symlinks=True)
+    return dest
+
+
+def _golden_output(golden_root: Path, token: int, module: str) -> Path:
+    return next(p for p in golden_root.rglob("output*.pth") if p.parent.name == module and p.parent.parent.name == str(token))
+
+
+def _assert_only_row_damaged(result, healthy_result, damaged: Path) -> None:
+    assert result.csv_path.is_file()
+    bad = [r for r in result.compared if str(damaged) in r.reason]
+    assert len(bad) == 1 and bad[0].passed is False and bad[0].metrics is None, [r.reason for r in result.compared]
+    before, after = _by_key(healthy_result), _by_key(result)
+    assert before.keys() == after.keys()
+    key = (bad[0].token_id, bad[0].atb_op, bad[0].data_id)
+    for k, row in after.items():
+        if k != key:
+            assert row.metrics is not None and row.metrics.values == before[k].metrics.values, k
+    text = result.csv_path.read_text(encoding="utf-8")
+    assert str(damaged) in text and len(text.splitlines()) == len(result.rows) + 1
+
+
+def test_a_bin_whose_dims_numpy_cannot_hold_costs_only_its_row(golden, healthy, healthy_result, tmp_path,
+                                                                monkeypatch):
+    mine = _copy(healthy[0], tmp_path / "my")
+    target = next(p for p in sorted(mine.rglob("outtensor0.bin"))
+                  if p.parent.name == "after" and p.parts[-3] == "1_LinearOperation" and p.parts[-4] == "1_LlamaLayer"
+                  and p.parts[-5] == "0")
+    target.write_bytes(b"$Version=1.0\n$Object.Count=1\nformat=2\ndtype=0\ndims=0,4611686018427387904,"
+                       b"4611686018427387904\n$End=1\n")
+    monkeypatch.setenv("AIT_LLM_EXECUTOR", "processes")
+    result = run_compare(golden, mine, output_dir=tmp_path, workers=2)
+    _assert_only_row_damaged(result, healthy_result, target)
+
+
+def test_an_expanded_pth_view_is_refused_not_materialised(golden, healthy, healthy_result, tmp_path, monkeypatch):
+    """torch.save of an .expand()ed tensor: a few KB on disk, terabytes as a dense array."""
+    gold = _copy(Path(golden.root), tmp_path / "golden" / Path(golden.root).name)
+    target = _golden_output(gold, 0, Q_PROJ)
+    torch.save(torch.ones(1, 1, 64).expand(2**34, 8, 64), target)
+    assert target.stat().st_size < 10_000
+    monkeypatch.setenv("AIT_LLM_EXECUTOR", "processes")
+    result = run_compare(gold, healthy[0], output_dir=tmp_path, workers=2)
+    _assert_only_row_damaged(result, healthy_result, target)
+    assert "strided view" in next(r.reason for r in result.compared if str(target) in r.reason)
+
+
+def _deflated(path: Path, dest: Path) -> None:
+    """``path`` (a torch.save zip) rewritten with every member deflate-compressed: still a valid torch file."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as out:
+        for info in src.infolist():
+            out.writestr(info.filename, src.read(info))
+
+
+def test_a_deflate_compressed_pth_is_read_exactly(golden, healthy, healthy_result, tmp_path):
+    gold = _copy(Path(golden.root), tmp_path / "golden" / Path(golden.root).name)
+    target = _golden_output(gold, 0, Q_PROJ)
+    _deflated(target, tmp_path / "c.pth")
+    (tmp_path / "c.pth").replace(target)
+    assert torch.equal(torch.load(target, weights_only=True), torch.load(_golden_output(Path(golden.root), 0, Q_PROJ)))
+    result = run_compare(gold, healthy[0], output_dir=tmp_path)
+    before, after = _by_key(healthy_result), _by_key(result)
+    assert {k: r.metrics.values for k, r in after.items()} == {k: r.metrics.values for k, r in before.items()}
+
+
+def test_a_compressed_pth_inflating_beyond_the_limit_is_refused(golden, healthy, healthy_result, tmp_path):
+    """A zip bomb: 4 MB of zeros in a few KB. Never compared as if its compressed bytes were values."""
+    gold = _copy(Path(golden.root), tmp_path / "golden" / Path(golden.root).name)
+    target = _golden_output(gold, 0, Q_PROJ)
+    torch.save(torch.zeros(1 << 20), tmp_path / "zeros.pth")
+    _deflated(tmp_path / "zeros.pth", target)
+    assert target.stat().st_size < 100_000
+    result = run_compare(gold, healthy[0], output_dir=tmp_path, max_bin_bytes=1 << 20)
+    _assert_only_row_damaged(result, healthy_result, target)
+    assert "exceeds the limit" in next(r.reason for r in result.compared if str(target) in r.reason)
+
+
+def test_names_csv_cannot_encode_are_written_escaped(golden, healthy, tmp_path):
+    """An op name with a lone surrogate (from the topology's JSON) and a golden dump under a directory named in
+    GBK bytes (as a zh_CN.GBK machine writes it): the report is written, the names escaped, nothing lost."""
+    import json
+    import os
+
+    gbk = os.fsdecode("金丝".encode("gbk"))  # undecodable as UTF-8: surrogate-escaped by Python
+    gold = _copy(Path(golden.root), tmp_path / gbk / Path(golden.root).name)
+    mine = _copy(healthy[0], tmp_path / "my")
+    topology = next(mine.rglob("*.json"))
+    text = topology.read_text(encoding="utf-8")
+    topology.write_text(text.replace('"LlamaLayer_2"', '"LlamaLayer_\\udcff2"', 1) if '"LlamaLayer_2"' in text
+                        else text.replace('"opName": "', '"opName": "\\udcff', 1), encoding="utf-8")
+    result = run_compare(gold, mine, output_dir=tmp_path / "out")
+    csv_text = result.csv_path.read_text(encoding="utf-8")  # valid UTF-8
+    assert "\\udcff" in csv_text and "\\udcbd\\udcf0" in csv_text
+    assert len(list(csv.reader(csv_text.splitlines()))) == len(result.rows) + 1
+    assert any("\udcff" in r.atb_op_name for r in result.rows)
+    json.loads(text)  # the original topology was valid JSON (the test changed one name only)

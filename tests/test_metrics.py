@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pytest_ait_llm.compare.metrics import (
-    EPS, KL_RTOL, METRICS, CustomMetric, PairMetrics, compare_tensors, load_custom_metric, shapes_compatible, tensor_stats,
+    EPS, METRICS, CustomMetric, PairMetrics, compare_tensors, load_custom_metric, shapes_compatible, tensor_stats,
 )
 from pytest_ait_llm.compare import fastpass
 from pytest_ait_llm.errors import AitLlmError
@@ -58,8 +58,7 @@ def reference(g: np.ndarray, m: np.ndarray) -> dict[str, float]:
 def assert_metrics_close(got: PairMetrics, want: dict[str, float], rtol: float = 1e-9) -> None:
     assert got.fail_reason == "", got.fail_reason
     for name in METRICS:
-        rel = max(rtol, KL_RTOL) if name == "kl_divergence" else rtol
-        assert got.values[name] == pytest.approx(want[name], rel=rel, abs=1e-13), name
+        assert got.values[name] == pytest.approx(want[name], rel=rtol, abs=1e-13), name
 
 
 def noisy_pair(rng, shape, rel_noise=1e-2, zeros_every=17):
@@ -111,7 +110,7 @@ def test_ait_definitions_as_torch_computes_them():
     assert result.values["cosine_similarity"] == pytest.approx(cos, rel=1e-12)
     assert result.values["max_relative_error"] == pytest.approx(rel.max().item(), rel=1e-9)
     assert result.values["mean_relative_error"] == pytest.approx(rel.mean().item(), rel=1e-9)
-    assert result.values["kl_divergence"] == pytest.approx(max(kl, 0.0), rel=KL_RTOL, abs=1e-13)
+    assert result.values["kl_divergence"] == pytest.approx(max(kl, 0.0), rel=1e-9, abs=1e-13)
 
 
 def test_kl_survives_large_logits_without_overflow():
@@ -132,8 +131,7 @@ def test_chunk_size_does_not_change_results():
     small = compare_tensors(raw(g, "bfloat16"), raw(m, "bfloat16"), chunk=7)
     large = compare_tensors(raw(g, "bfloat16"), raw(m, "bfloat16"), chunk=1 << 20)
     for name in METRICS:
-        rel = KL_RTOL if name == "kl_divergence" else 1e-12
-        assert small.values[name] == pytest.approx(large.values[name], rel=rel, abs=1e-15), name
+        assert small.values[name] == pytest.approx(large.values[name], rel=1e-12, abs=1e-15), name
     assert small.golden == large.golden and small.my == large.my
 
 

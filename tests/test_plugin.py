@@ -547,3 +547,19 @@ def test_port(torch_dump, atb_dump, compare_ops):
     compare_ops(torch_dump, atb_dump)
 ''')
     pytester.runpytest(f"--ait-my-path={recorded.good}").assert_outcomes(passed=1)
+
+
+def test_a_damaged_bin_fails_the_test_naming_the_op_and_the_file(pytester, recorded, tmp_path):
+    """A .bin whose dims numpy cannot hold (issue 18.5): the failure names the op and the file, no numpy frames."""
+    import shutil
+
+    damaged = shutil.copytree(recorded.good, tmp_path / "damaged")
+    target = next(p for p in damaged.rglob("outtensor0.bin") if INJECTED_OP in p.as_posix())
+    target.write_bytes(b"$Version=1.0\n$Object.Count=1\nformat=2\ndtype=0\n"
+                       b"dims=0,4611686018427387904,4611686018427387904\n$End=1\n")
+    make_project(pytester, recorded, PORT_TEST)
+    result = pytester.runpytest(*recorded_args(recorded, damaged))
+    result.assert_outcomes(failed=1)
+    errors = "\n".join(failure_lines(result.stdout.str()))
+    assert INJECTED_OP in errors and str(target) in errors, errors
+    assert "numpy" not in result.stdout.str() and "Traceback" not in result.stdout.str()

@@ -6,19 +6,26 @@
  * them to running float64 sums kept in a caller-owned float64 array ("state"). Nothing is allocated per call and
  * the GIL is released while reading, so pairs can also be compared on threads.
  *
- * Layout of the state array (indices below, S_*): the metric sums, the online log-sum-exp of the KL divergence,
- * a "still finite" flag, then per side NaN/inf counts and the finite count/sum/min/max. Python turns it into the
- * report's numbers (metrics._compiled_pass) with the same formulas as the numpy pass.
+ * The state's slots are listed once, in STATE_SLOTS below; the module exports their names (SLOTS), their start
+ * values (STATE_START) and the names of the sums metrics._metric_values takes (METRIC_SUMS), so Python never
+ * numbers them itself.
  *
- * Vectorisation: the loops (_kernel_loops.h) use GCC/Clang vector types and an exp() of our own, so they do not
- * depend on the optimiser or on -ffast-math (which would drop the NaN checks). Every sum is float64; where golden
- * and mine are close and neither is float64, the KL terms themselves are computed in float32 (kl_near_f32: one
- * float32 exp() on twice the lanes, ~16 % of the time), which holds the KL to metrics.KL_RTOL. On x86-64 they
- * are compiled for AVX-512, AVX2+FMA and the baseline; the import picks the widest the CPU has (`_kernel.isa()`
- * says which).
+ * Vectorisation: the loops (_kernel_loops.h) use GCC/Clang generic vector types and an exp() of our own, so they
+ * vectorise for whatever target the compiler builds for without -ffast-math (which would drop the NaN checks).
+ * Every value and sum is float64. On x86-64 the loops are compiled for AVX-512, AVX2+FMA and the baseline (SSE2);
+ * the import picks the widest the CPU has. On AArch64 the one copy is NEON (mandatory there); elsewhere it is
+ * whatever the compiler makes of 2-lane vectors. `_kernel.isa()` says which copy runs.
+ *
+ * Built with -DKERNEL_NO_PYTHON, this file is plain C without the Python entry points: bench/kernel_harness.c
+ * uses it so to run the loops on another architecture under emulation.
  */
+#ifdef KERNEL_NO_PYTHON
+#include <stddef.h>
+typedef ptrdiff_t Py_ssize_t;
+#else
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -28,14 +35,29 @@
 #define PREFETCH_AHEAD 2048 /* elements; 1024-4096 measured alike */
 enum { K_F32 = 0, K_F64 = 1, K_BF16 = 2, K_F16 = 3 };
 
-enum {
-    S_N, S_GM, S_GG, S_MM, S_DD, S_ABS_SUM, S_ABS_MAX, S_REL_SUM, S_REL_MAX,
-    S_SHIFT_G, S_SUM_G, S_T, S_SHIFT_M, S_SUM_M, S_FINITE,
-    S_G_NAN, S_G_INF, S_G_FIN, S_G_SUM, S_G_MIN, S_G_MAX,
-    S_M_NAN, S_M_INF, S_M_FIN, S_M_SUM, S_M_MIN, S_M_MAX,
-    S_KL_TOP, S_KL_CENTRE, /* the largest golden value the KL has seen, and m - g there (kl_near_f32's centre) */
-    S_SIZE
-};
+/* Every slot of the state: enum name, Python name, start value. The first ones, up to S_FINITE, are the sums
+ * metrics._metric_values takes, under its parameter names. Each side's six stats slots (NaN count, inf count,
+ * finite count, finite sum, min, max) are consecutive: add_stats writes them from their first. */
+#define STATE_SLOTS(X)                                                                                         \
+    X(S_N, "n", 0.0) X(S_GM, "gm", 0.0) X(S_GG, "gg", 0.0) X(S_MM, "mm", 0.0) X(S_DD, "dd", 0.0)                \
+    X(S_ABS_SUM, "abs_sum", 0.0) X(S_ABS_MAX, "abs_max", 0.0) X(S_REL_SUM, "rel_sum", 0.0)                     \
+    X(S_REL_MAX, "rel_max", 0.0) X(S_SHIFT_G, "shift_g", -INFINITY) X(S_SUM_G, "sum_g", 0.0) X(S_T, "t", 0.0) \
+    X(S_SHIFT_M, "shift_m", -INFINITY) X(S_SUM_M, "sum_m", 0.0)                                               \
+    X(S_FINITE, "finite", 1.0)                                                                                 \
+    X(S_G_NAN, "golden_nan", 0.0) X(S_G_INF, "golden_inf", 0.0) X(S_G_FIN, "golden_finite", 0.0)               \
+    X(S_G_SUM, "golden_sum", 0.0) X(S_G_MIN, "golden_min", INFINITY) X(S_G_MAX, "golden_max", -INFINITY)       \
+    X(S_M_NAN, "my_nan", 0.0) X(S_M_INF, "my_inf", 0.0) X(S_M_FIN, "my_finite", 0.0)                           \
+    X(S_M_SUM, "my_sum", 0.0) X(S_M_MIN, "my_min", INFINITY) X(S_M_MAX, "my_max", -INFINITY)
+
+#define SLOT_ID(id, name, start) id,
+enum { STATE_SLOTS(SLOT_ID) S_SIZE };
+#undef SLOT_ID
+#define SLOT_NAME(id, name, start) name,
+static const char *const SLOT_NAMES[S_SIZE] = {STATE_SLOTS(SLOT_NAME)};
+#undef SLOT_NAME
+#define SLOT_START(id, name, start) start,
+static const double SLOT_STARTS[S_SIZE] = {STATE_SLOTS(SLOT_START)};
+#undef SLOT_START
 
 /* |m - g| up to which exp(m) is formed as exp(g) * exp(m - g) (see kl_step in _kernel_loops.h), and 1/k!. */
 static const double NEAR = 0.34;
@@ -46,10 +68,6 @@ static const double INV_FACTORIAL[14] = {
 
 /* The original tool's epsilon (float32 machine epsilon): |golden| <= EPS contributes no relative error. */
 static const double EPS = 1.1920928955078125e-07;
-
-static inline float f32_from_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
-static inline double f64_from_bits(uint64_t u) { double d; memcpy(&d, &u, 8); return d; }
-static inline uint64_t bits_of_f64(double d) { uint64_t u; memcpy(&u, &d, 8); return u; }
 
 static Py_ssize_t item_size(int kind) { return kind == K_F64 ? 8 : kind == K_F32 ? 4 : 2; }
 
@@ -146,10 +164,16 @@ typedef void (*FullPass)(const char *, int, const char *, int, Py_ssize_t, int, 
 typedef void (*LightPass)(const char *, int, const char *, int, Py_ssize_t, double *);
 static FullPass full_pass = full_pass_base;
 static LightPass light_pass = light_pass_base;
-static const char *isa_name = "baseline";
+/* The copy every CPU of the target runs: on AArch64, NEON's 2 float64 lanes. */
+#ifdef __aarch64__
+#define BASE_ISA "neon"
+#else
+#define BASE_ISA "baseline"
+#endif
+static const char *isa_name = BASE_ISA;
 
-/* The widest copy this CPU runs, or the one asked for by name ("avx512", "avx2", "baseline"); 0 if unknown or
- * not supported here. */
+/* The widest copy this CPU runs, or the one asked for by name ("avx512", "avx2", BASE_ISA); 0 if unknown or not
+ * supported here. */
 static int pick_isa(const char *want) {
 #ifdef HAVE_X86_COPIES
     __builtin_cpu_init();
@@ -165,12 +189,13 @@ static int pick_isa(const char *want) {
         return 1;
     }
 #endif
-    if (want && strcmp(want, "baseline")) return 0;
-    full_pass = full_pass_base; light_pass = light_pass_base; isa_name = "baseline";
+    if (want && strcmp(want, BASE_ISA)) return 0;
+    full_pass = full_pass_base; light_pass = light_pass_base; isa_name = BASE_ISA;
     return 1;
 }
 
 /* ---- Python entry points ----------------------------------------------------------------------------------- */
+#ifndef KERNEL_NO_PYTHON
 
 static int check_args(Py_buffer *g, int gk, Py_buffer *m, int mk, Py_buffer *st, Py_ssize_t *n) {
     if (gk < 0 || gk > 3 || mk < 0 || mk > 3) {
@@ -235,7 +260,8 @@ static PyMethodDef methods[] = {
      "full(golden, gkind, my, mkind, state, count_golden=True, count_my=True): add a run to every sum"},
     {"light", py_light, METH_VARARGS, "light(golden, gkind, my, mkind, state): add a run to the 4 dot products"},
     {"isa", py_isa, METH_NOARGS, "isa(): the instruction set of the loops in use"},
-    {"set_isa", py_set_isa, METH_VARARGS, "set_isa(name): use the avx512, avx2 or baseline loops (for tests)"},
+    {"set_isa", py_set_isa, METH_VARARGS,
+     "set_isa(name): use the copy of the loops for avx512, avx2, neon or baseline (for tests)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -244,13 +270,42 @@ static struct PyModuleDef module = {
     .m_methods = methods,
 };
 
+/* A tuple of the first n slot names. */
+static PyObject *slot_names(int n) {
+    PyObject *names = PyTuple_New(n);
+    for (int i = 0; names && i < n; i++) {
+        PyObject *name = PyUnicode_FromString(SLOT_NAMES[i]);
+        if (!name) { Py_CLEAR(names); break; }
+        PyTuple_SET_ITEM(names, i, name);
+    }
+    return names;
+}
+
 PyMODINIT_FUNC PyInit__kernel(void) {
     PyObject *mod = PyModule_Create(&module);
     if (!mod) return NULL;
     pick_isa(NULL);
-    if (PyModule_AddIntConstant(mod, "STATE_SIZE", S_SIZE) || PyModule_AddIntConstant(mod, "BLOCK", BLOCK)) {
+    PyObject *starts = PyTuple_New(S_SIZE);
+    for (int i = 0; starts && i < S_SIZE; i++) {
+        PyObject *v = PyFloat_FromDouble(SLOT_STARTS[i]);
+        if (!v) { Py_CLEAR(starts); break; }
+        PyTuple_SET_ITEM(starts, i, v);
+    }
+    /* PyModule_AddObject steals the reference only on success */
+    PyObject *kinds = Py_BuildValue("{sisisisi}", "float32", K_F32, "float64", K_F64, "bfloat16", K_BF16,
+                                    "float16", K_F16);
+    PyObject *values[] = {slot_names(S_SIZE), starts, slot_names(S_FINITE), kinds};
+    const char *keys[] = {"SLOTS", "STATE_START", "METRIC_SUMS", "KINDS"};
+    int bad = PyModule_AddIntConstant(mod, "BLOCK", BLOCK);
+    for (int i = 0; i < 4; i++) {
+        if (!bad && values[i] && !PyModule_AddObject(mod, keys[i], values[i])) continue;
+        bad = 1;
+        Py_XDECREF(values[i]);
+    }
+    if (bad) {
         Py_DECREF(mod);
         return NULL;
     }
     return mod;
 }
+#endif

@@ -1,13 +1,15 @@
 /*
  * The hot loops of _kernel.c. That file includes this one once per instruction set (x86-64: AVX-512, AVX2+FMA,
- * baseline; elsewhere: baseline), with ISA(name) giving each copy its own names; the module picks one copy for the
- * CPU it runs on when it is imported. Not a header of its own: it relies on _kernel.c's types and helpers, and it
- * #undefs its settings (ISA, VLANES, VMIN/VMAX, VWIDEN, VRCP14) at its end.
+ * baseline; AArch64: NEON; elsewhere: baseline), with ISA(name) giving each copy its own names; the module picks
+ * one copy for the CPU it runs on when it is imported. Not a header of its own: it relies on _kernel.c's types and
+ * helpers, and it #undefs its settings (ISA, VLANES, VMIN/VMAX, VWIDEN, VRCP14) at its end.
  *
- * The loops are written with GCC/Clang vector types of VLANES lanes, one register wide (vd: VLANES float64; 8 for
- * AVX-512, 4 for AVX2, 2 for SSE2), so vectorisation does not depend on the optimiser. Each quantity is summed in
- * VLANES independent lanes, added up at the end of a block. Loads and stores go through memcpy: any alignment is
- * fine. Comparisons of vd give vl masks (all ones / zeros per lane).
+ * The loops are written with GCC/Clang generic vector types of VLANES lanes, one register wide (vd: VLANES
+ * float64; 8 for AVX-512, 4 for AVX2, 2 for SSE2 and NEON), so vectorisation does not depend on the optimiser and
+ * needs no intrinsics: the x86 copies use a few (VMIN/VMAX, VWIDEN, VRCP14) where they measured faster, every
+ * other target gets the generic forms below. Each quantity is summed in VLANES independent lanes, added up at the
+ * end of a block. Loads and stores go through memcpy: any alignment is fine. Comparisons of vd give vl masks (all
+ * ones / zeros per lane).
  */
 
 #define vd ISA(vd_)
@@ -22,10 +24,6 @@ typedef uint64_t vu64 __attribute__((vector_size(8 * VLANES)));
 typedef float vf __attribute__((vector_size(4 * VLANES)));
 typedef uint32_t vu32 __attribute__((vector_size(4 * VLANES)));
 typedef uint16_t vu16 __attribute__((vector_size(2 * VLANES)));
-#define vf2 ISA(vf2_)
-#define vi2 ISA(vi2_)
-typedef float vf2 __attribute__((vector_size(8 * VLANES)));
-typedef int32_t vi2 __attribute__((vector_size(8 * VLANES)));
 
 static inline __attribute__((always_inline)) vd ISA(load)(const double *p) {
     vd v;
@@ -86,7 +84,7 @@ static inline __attribute__((always_inline)) vf ISA(half_to_float)(vu32 h) {
     return (vf)(bits | (h & 0x8000u) << 16);
 }
 
-static inline __attribute__((always_inline)) vd ISA(widen_one)(const char *src, int kind, vf *as_float) {
+static inline __attribute__((always_inline)) vd ISA(widen_one)(const char *src, int kind) {
     vd d;
     vf f;
     if (kind == K_F64) {
@@ -101,7 +99,6 @@ static inline __attribute__((always_inline)) vd ISA(widen_one)(const char *src, 
         vu32 w = __builtin_convertvector(h, vu32);
         f = kind == K_BF16 ? (vf)(w << 16) : ISA(half_to_float)(w);
     }
-    *as_float = f;
     return VWIDEN(f);
 }
 
@@ -118,27 +115,23 @@ static inline __attribute__((always_inline)) void ISA(stat_step)(ISA(StatLanes) 
 /* dst[0:n] = src[0:n] as float64 (dst is a block buffer: whole vectors), and the block's sum/min/max in the same
  * loop; ``bad`` is set when the block may hold NaN/inf. */
 static inline __attribute__((always_inline)) BlockStats ISA(widen_stats_kind)(const char *src, int kind,
-                                                                              double *dst, float *fdst,
-                                                                              Py_ssize_t n, int stats) {
+                                                                              double *dst, Py_ssize_t n,
+                                                                              int stats) {
     Py_ssize_t size = item_size(kind), i = 0, full = n - n % VLANES;
     ISA(StatLanes) a = {{0}, (vd){0} + INFINITY, (vd){0} - INFINITY};
     for (; i < full; i += VLANES) {
         /* the payloads are far larger than any cache and their 4 KB pages are scattered, which stops the CPU's
          * own prefetcher at every page: ask for the bytes PREFETCH_AHEAD elements ahead (-15 % time per pair) */
         __builtin_prefetch((const void *)((uintptr_t)src + (uintptr_t)((i + PREFETCH_AHEAD) * size)), 0, 3);
-        vf f;
-        vd v = ISA(widen_one)(src + i * size, kind, &f);
+        vd v = ISA(widen_one)(src + i * size, kind);
         memcpy(dst + i, &v, sizeof v);
-        if (fdst && kind != K_F64) memcpy(fdst + i, &f, sizeof f);
         if (stats) ISA(stat_step)(&a, v);
     }
     if (i < n) { /* the tail through one padded vector */
         char pad[8 * VLANES] = {0};
         memcpy(pad, src + i * size, (size_t)((n - i) * size));
-        vf f;
-        vd v = ISA(widen_one)(pad, kind, &f);
+        vd v = ISA(widen_one)(pad, kind);
         memcpy(dst + i, &v, sizeof v);
-        if (fdst && kind != K_F64) memcpy(fdst + i, &f, sizeof f);
         /* lanes past the end: 0 adds nothing, and copies of a real value change no minimum or maximum */
         vl ok = ISA(valid)(i, n);
         v = ISA(sel)(ok, v, (vd){0} + v[0]);
@@ -155,21 +148,21 @@ static inline __attribute__((always_inline)) BlockStats ISA(widen_stats_kind)(co
 }
 
 /* One copy of the loop per element kind, so the kind is not tested inside it. */
-static BlockStats ISA(widen_stats)(const char *src, int kind, double *dst, float *fdst, Py_ssize_t n) {
+static BlockStats ISA(widen_stats)(const char *src, int kind, double *dst, Py_ssize_t n) {
     switch (kind) {
-    case K_F32: return ISA(widen_stats_kind)(src, K_F32, dst, fdst, n, 1);
-    case K_F64: return ISA(widen_stats_kind)(src, K_F64, dst, NULL, n, 1);
-    case K_BF16: return ISA(widen_stats_kind)(src, K_BF16, dst, fdst, n, 1);
-    default: return ISA(widen_stats_kind)(src, K_F16, dst, fdst, n, 1);
+    case K_F32: return ISA(widen_stats_kind)(src, K_F32, dst, n, 1);
+    case K_F64: return ISA(widen_stats_kind)(src, K_F64, dst, n, 1);
+    case K_BF16: return ISA(widen_stats_kind)(src, K_BF16, dst, n, 1);
+    default: return ISA(widen_stats_kind)(src, K_F16, dst, n, 1);
     }
 }
 
 static void ISA(widen)(const char *src, int kind, double *dst, Py_ssize_t n) {
     switch (kind) {
-    case K_F32: ISA(widen_stats_kind)(src, K_F32, dst, NULL, n, 0); break;
-    case K_F64: ISA(widen_stats_kind)(src, K_F64, dst, NULL, n, 0); break;
-    case K_BF16: ISA(widen_stats_kind)(src, K_BF16, dst, NULL, n, 0); break;
-    default: ISA(widen_stats_kind)(src, K_F16, dst, NULL, n, 0); break;
+    case K_F32: ISA(widen_stats_kind)(src, K_F32, dst, n, 0); break;
+    case K_F64: ISA(widen_stats_kind)(src, K_F64, dst, n, 0); break;
+    case K_BF16: ISA(widen_stats_kind)(src, K_BF16, dst, n, 0); break;
+    default: ISA(widen_stats_kind)(src, K_F16, dst, n, 0); break;
     }
 }
 
@@ -210,61 +203,6 @@ static inline __attribute__((always_inline)) vd ISA(vexp_near)(vd d, int degree)
     vd p = (vd){0} + INV_FACTORIAL[degree];
     for (int k = degree - 1; k >= 0; k--) p = p * d + INV_FACTORIAL[k];
     return p;
-}
-
-/* ---- the KL sums in float32 --------------------------------------------------------------------------------
- * exp(x) in float32 for -87.3 <= x <= 88 (the caller checks the block's range): x = k ln2 + r, |r| <= ln2/2,
- * exp(r) by its Taylor series to r^7 (truncation < 5.1e-9 relative), times 2^k built in the exponent bits. */
-static inline __attribute__((always_inline)) vf2 ISA(vexpf)(vf2 x) {
-    const float log2e = 1.44269504088896341f, ln2_hi = 0.693145751953125f, ln2_lo = 1.428606765330187e-06f,
-                shifter = 12582912.0f; /* 1.5 * 2^23 */
-    vf2 kf = x * log2e + shifter;
-    vi2 k = (vi2)kf - 0x4B400000;
-    kf -= shifter;
-    vf2 r = x - kf * ln2_hi - kf * ln2_lo;
-    vf2 p = (vf2){0} + (float)INV_FACTORIAL[7];
-    for (int j = 6; j >= 0; j--) p = p * r + (float)INV_FACTORIAL[j];
-    return p * (vf2)((k + 127) << 23);
-}
-
-static inline __attribute__((always_inline)) void ISA(split)(vf2 x, vd *lo, vd *hi) {
-    vf a, b;
-    memcpy(&a, &x, sizeof a);
-    memcpy(&b, (char *)&x + sizeof a, sizeof b);
-    *lo = VWIDEN(a);
-    *hi = VWIDEN(b);
-}
-
-/* The near regime's KL sums from the float32 copies of a block, against a centre c (m - g where golden is
- * largest, see full_pass): Σexp(g - shift), Σexp(g - shift)·u and Σexp(g - shift)·q(u) with u = m - g - c and
- * q(u) = exp(u) - 1 - u = u^2 (1/2 + u/6 + ...) to the given degree; exp() and the products in float32, the sums
- * in float64. */
-static inline __attribute__((always_inline)) void ISA(kl_near_f32)(vd *sg, vd *su, vd *sq, const float *gf,
-                                                                   const float *mf, Py_ssize_t n, float shift,
-                                                                   float c, int degree) {
-    for (Py_ssize_t i = 0; i < n; i += 2 * VLANES) {
-        vf2 a, b;
-        memcpy(&a, gf + i, sizeof a);
-        memcpy(&b, mf + i, sizeof b);
-        vi2 ok = {0};
-        if (n - i < 2 * VLANES) { /* a short block's last vector: lanes past its end weigh 0 */
-            for (int j = 0; j < 2 * VLANES; j++) ok[j] = j < n - i ? -1 : 0;
-            a = (vf2)((vi2)a & ok);
-            b = (vf2)((vi2)b & ok);
-        } else {
-            ok -= 1;
-        }
-        vf2 eg = (vf2)((vi2)ISA(vexpf)(a - shift) & ok);
-        vf2 u = (b - a) - c, p = (vf2){0} + (float)INV_FACTORIAL[degree + 2];
-        for (int k = degree + 1; k >= 2; k--) p = p * u + (float)INV_FACTORIAL[k];
-        vd e0, e1, w0, w1, q0, q1;
-        ISA(split)(eg, &e0, &e1);
-        ISA(split)(eg * u, &w0, &w1);
-        ISA(split)(eg * (u * u * p), &q0, &q1);
-        *sg += e0 + e1;
-        *su += w0 + w1;
-        *sq += q0 + q1;
-    }
 }
 
 /* ---- per-block passes ------------------------------------------------------------------------------------ */
@@ -322,8 +260,7 @@ static inline __attribute__((always_inline)) void ISA(kl_loop)(vd *sg, vd *t, vd
  * block: the error sums, then the KL sums; one loop would need more vector registers than AVX-512 has.
  * ``fast``: every |golden| < 1e38, so the relative error may use ISA(recip). */
 static inline __attribute__((always_inline)) BlockMetrics ISA(block_metrics_div)(
-        const double *g, const double *m, const float *gf, const float *mf, Py_ssize_t n, double shift_g,
-        double shift_m, float center, int fast) {
+        const double *g, const double *m, Py_ssize_t n, double shift_g, double shift_m, int fast) {
     ISA(ErrLanes) e = {{0}, {0}, {0}, {0}, {0}, {0}, {0}, {0}};
     const vl all = (vl){0} - 1;
     Py_ssize_t i = 0, full = n - n % VLANES;
@@ -332,37 +269,25 @@ static inline __attribute__((always_inline)) BlockMetrics ISA(block_metrics_div)
     vd ta = ISA(sel)(tail, ISA(load)(g + full), (vd){0}), tb = ISA(sel)(tail, ISA(load)(m + full), (vd){0});
     if (full < n) ISA(err_step)(&e, ta, tb, tail, fast);
     vd sg = {0}, t = {0}, sm = {0};
-    double dmax = ISA(hmax)(e.abs_max), reach = dmax + fabs((double)center), s_g, s_t, s_m;
-    if (gf && mf && shift_g == shift_m && reach <= NEAR) {
-        vd su = {0}, sq = {0};
-        int degree = reach <= 0.02 ? 3 : reach <= 0.1 ? 4 : 6; /* q(u) to u^5, u^6, u^8: < 1e-8 relative */
-        ISA(kl_near_f32)(&sg, &su, &sq, gf, mf, n, (float)shift_g, center, degree);
-        double s_u = ISA(hsum)(su);
-        s_g = ISA(hsum)(sg);
-        s_t = -(s_u + (double)center * s_g); /* Σexp(g)·(g - m) = -Σexp(g)·(u + c) */
-        s_m = exp((double)center) * (s_g + s_u + ISA(hsum)(sq)); /* Σexp(g)·exp(m - g) = e^c Σexp(g)(1 + u + q(u)) */
-    } else {
-        if (shift_g != shift_m || !(dmax <= NEAR))
-            ISA(kl_loop)(&sg, &t, &sm, g, m, full, n, ta, tb, tail, shift_g, shift_m, 0);
-        else if (dmax <= 0.02)
-            ISA(kl_loop)(&sg, &t, &sm, g, m, full, n, ta, tb, tail, shift_g, shift_m, 7);
-        else if (dmax <= 0.1)
-            ISA(kl_loop)(&sg, &t, &sm, g, m, full, n, ta, tb, tail, shift_g, shift_m, 9);
-        else
-            ISA(kl_loop)(&sg, &t, &sm, g, m, full, n, ta, tb, tail, shift_g, shift_m, 13);
-        s_g = ISA(hsum)(sg);
-        s_t = ISA(hsum)(t);
-        s_m = ISA(hsum)(sm);
-    }
+    double dmax = ISA(hmax)(e.abs_max);
+    if (shift_g != shift_m || !(dmax <= NEAR))
+        ISA(kl_loop)(&sg, &t, &sm, g, m, full, n, ta, tb, tail, shift_g, shift_m, 0);
+    else if (dmax <= 0.02)
+        ISA(kl_loop)(&sg, &t, &sm, g, m, full, n, ta, tb, tail, shift_g, shift_m, 7);
+    else if (dmax <= 0.1)
+        ISA(kl_loop)(&sg, &t, &sm, g, m, full, n, ta, tb, tail, shift_g, shift_m, 9);
+    else
+        ISA(kl_loop)(&sg, &t, &sm, g, m, full, n, ta, tb, tail, shift_g, shift_m, 13);
     BlockMetrics r = {ISA(hsum)(e.gm), ISA(hsum)(e.gg), ISA(hsum)(e.mm), ISA(hsum)(e.dd), ISA(hsum)(e.abs_sum),
-                      ISA(hmax)(e.abs_max), ISA(hsum)(e.rel_sum), ISA(hmax)(e.rel_max), s_g, s_t, s_m};
+                      ISA(hmax)(e.abs_max), ISA(hsum)(e.rel_sum), ISA(hmax)(e.rel_max), ISA(hsum)(sg),
+                      ISA(hsum)(t), ISA(hsum)(sm)};
     return r;
 }
 
-static BlockMetrics ISA(block_metrics)(const double *g, const double *m, const float *gf, const float *mf,
-                                       Py_ssize_t n, double shift_g, double shift_m, float center, int fast) {
-    return fast ? ISA(block_metrics_div)(g, m, gf, mf, n, shift_g, shift_m, center, 1)
-                : ISA(block_metrics_div)(g, m, gf, mf, n, shift_g, shift_m, center, 0);
+static BlockMetrics ISA(block_metrics)(const double *g, const double *m, Py_ssize_t n, double shift_g,
+                                       double shift_m, int fast) {
+    return fast ? ISA(block_metrics_div)(g, m, n, shift_g, shift_m, 1)
+                : ISA(block_metrics_div)(g, m, n, shift_g, shift_m, 0);
 }
 
 static void ISA(block_dots)(const double *g, const double *m, Py_ssize_t n, double *out) {
@@ -386,17 +311,13 @@ static void ISA(block_dots)(const double *g, const double *m, Py_ssize_t n, doub
 static void ISA(full_pass)(const char *g, int gk, const char *m, int mk, Py_ssize_t n, int count_g, int count_m,
                            double *st) {
     double gb[BLOCK], mb[BLOCK];
-    float gfb[BLOCK], mfb[BLOCK];
     memset(gb, 0, sizeof gb); /* lanes past a short block's end are read, then masked out */
     memset(mb, 0, sizeof mb);
-    memset(gfb, 0, sizeof gfb);
-    memset(mfb, 0, sizeof mfb);
     Py_ssize_t gs = item_size(gk), ms = item_size(mk);
-    int f32 = gk != K_F64 && mk != K_F64; /* both sides exact in float32 */
     for (Py_ssize_t off = 0; off < n; off += BLOCK) {
         Py_ssize_t k = n - off < BLOCK ? n - off : BLOCK;
-        BlockStats bg = ISA(widen_stats)(g + off * gs, gk, gb, gfb, k);
-        BlockStats bm = ISA(widen_stats)(m + off * ms, mk, mb, mfb, k);
+        BlockStats bg = ISA(widen_stats)(g + off * gs, gk, gb, k);
+        BlockStats bm = ISA(widen_stats)(m + off * ms, mk, mb, k);
         if (count_g) add_stats(gb, k, &bg, st + S_G_NAN);
         if (count_m) add_stats(mb, k, &bm, st + S_M_NAN);
         if (!all_finite(gb, k, &bg) || !all_finite(mb, k, &bm)) st[S_FINITE] = 0.0;
@@ -404,20 +325,7 @@ static void ISA(full_pass)(const char *g, int gk, const char *m, int mk, Py_ssiz
         move_shift(&st[S_SHIFT_G], bg.max, &st[S_SUM_G], &st[S_T]);
         move_shift(&st[S_SHIFT_M], bm.max, &st[S_SUM_M], NULL);
         int fast = bg.max < 1e38 && bg.min > -1e38;
-        /* float32 KL terms where exp(g - shift) is a normal float32 (the range of ISA(vexpf)) */
-        int near32 = f32 && bg.min - st[S_SHIFT_G] >= -87.0 && bg.max - st[S_SHIFT_G] <= 88.0 &&
-                     (float)st[S_SHIFT_G] == st[S_SHIFT_G];
-        /* the centre of the float32 KL terms: m - g where golden is largest so far, the heaviest weight of the
-         * softmax, so that float32 rounding scales with how m - g varies where the weight is, not with its mean
-         * (a scan of the block only when it holds a new largest value: a few times per tensor) */
-        if (near32 && bg.max > st[S_KL_TOP]) {
-            Py_ssize_t j = 0;
-            while (j < k && gb[j] != bg.max) j++;
-            st[S_KL_TOP] = bg.max;
-            st[S_KL_CENTRE] = j < k ? mb[j] - gb[j] : 0.0;
-        }
-        BlockMetrics r = ISA(block_metrics)(gb, mb, near32 ? gfb : NULL, near32 ? mfb : NULL, k, st[S_SHIFT_G],
-                                            st[S_SHIFT_M], (float)st[S_KL_CENTRE], fast);
+        BlockMetrics r = ISA(block_metrics)(gb, mb, k, st[S_SHIFT_G], st[S_SHIFT_M], fast);
         st[S_N] += (double)k;
         st[S_GM] += r.gm; st[S_GG] += r.gg; st[S_MM] += r.mm; st[S_DD] += r.dd;
         st[S_ABS_SUM] += r.abs_sum; st[S_REL_SUM] += r.rel_sum;
@@ -448,8 +356,6 @@ static void ISA(light_pass)(const char *g, int gk, const char *m, int mk, Py_ssi
 #undef vf
 #undef vu32
 #undef vu16
-#undef vf2
-#undef vi2
 #undef VMIN
 #undef VMAX
 #undef VWIDEN

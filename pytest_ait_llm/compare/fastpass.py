@@ -5,8 +5,9 @@ take it: both sides float32/float64/float16/bfloat16 in their storage dtype. Eve
 without the extension, takes the numpy pass in metrics.py.
 
 ``AIT_LLM_KERNEL=numpy`` forces the numpy pass, ``=compiled`` the compiled one. By default the compiled pass runs
-where its vector loops do (AVX2 or AVX-512): its plain-C copy, all other CPUs get, measured slower than numpy's own
-vectorised loops on x86-64, so those CPUs keep the numpy pass unless asked.
+wherever it is built: its AVX2/AVX-512 copies measured ~4x the numpy pass or more, its 2-lane copy 1.7-1.8x
+numpy held to the same vector width (SSE2, what an x86-64 without AVX2 runs; the same loops are NEON's on AArch64,
+where their speed is not measured: docs/performance.md, "The compiled pass").
 """
 from __future__ import annotations
 
@@ -22,17 +23,14 @@ try:
 except ImportError:  # built without a C compiler: the numpy pass does the work
     _kernel = None
 
-#: Element kinds of _kernel.c, by logical dtype, with the storage dtypes each accepts.
-_KINDS = {"float32": (0, ("float32",)), "float64": (1, ("float64",)), "bfloat16": (2, ("uint16", "int16")),
-          "float16": (3, ("float16",))}
+#: The storage dtypes the kernel reads for each logical dtype it knows (its element kinds: _kernel.KINDS).
+_STORAGE = {"float32": ("float32",), "float64": ("float64",), "bfloat16": ("uint16", "int16"),
+            "float16": ("float16",)}
 
-#: State slots (the S_* enum of _kernel.c).
-(N, GM, GG, MM, DD, ABS_SUM, ABS_MAX, REL_SUM, REL_MAX, SHIFT_G, SUM_G, T, SHIFT_M, SUM_M, FINITE,
- G_STATS, M_STATS, KL_TOP, KL_CENTRE) = (*range(15), 15, 21, 27, 28)
-STATE_SIZE = 29
-#: Per side, 6 slots from G_STATS / M_STATS: NaN count, inf count, finite count, finite sum, min, max.
-NAN, INF, FIN, SUM, MIN, MAX = range(6)
-
+#: The names of the state's slots, in order, and the sums metrics._metric_values takes (as named there): both
+#: from the C module, which lists them once.
+SLOTS: tuple[str, ...] = _kernel.SLOTS if _kernel else ()
+METRIC_SUMS: tuple[str, ...] = _kernel.METRIC_SUMS if _kernel else ()
 
 KERNEL_ENV = "AIT_LLM_KERNEL"
 
@@ -45,11 +43,12 @@ def available() -> bool:
     mode = os.environ.get(KERNEL_ENV, "").strip().lower()
     if mode in ("numpy", "compiled"):
         return mode == "compiled"
-    return _kernel.isa() != "baseline"
+    return True
 
 
 def isa() -> str | None:
-    """The instruction set of the compiled loops in use ("avx512", "avx2", "baseline"), None if not built."""
+    """The instruction set of the compiled loops in use ("avx512", "avx2", "neon", "baseline"), None if not
+    built."""
     return None if _kernel is None else _kernel.isa()
 
 
@@ -58,37 +57,29 @@ def usable(golden: RawTensor, my: RawTensor) -> bool:
 
 
 def _kind(t: RawTensor) -> int | None:
-    spec = _KINDS.get(str(t.dtype))
-    return spec[0] if spec and t.data.dtype.name in spec[1] else None
+    dtype = str(t.dtype)
+    return _kernel.KINDS.get(dtype) if t.data.dtype.name in _STORAGE.get(dtype, ()) else None
 
 
-def new_state() -> np.ndarray:
-    state = np.zeros(STATE_SIZE, np.float64)
-    state[[SHIFT_G, SHIFT_M]] = -np.inf
-    state[FINITE] = 1.0
-    state[KL_TOP] = -np.inf
-    for base in (G_STATS, M_STATS):
-        state[base + MIN], state[base + MAX] = np.inf, -np.inf
-    return state
-
-
-def run_full(golden: RawTensor, my: RawTensor, runs: Iterator[tuple[np.ndarray, np.ndarray, bool, bool]]) -> np.ndarray:
+def run_full(golden: RawTensor, my: RawTensor,
+             runs: Iterator[tuple[np.ndarray, np.ndarray, bool, bool]]) -> dict[str, float]:
     """Every sum of the fused pass over ``runs`` (metrics.py's plan: aligned raw slices and whether to count each
-    side in its stats). Slices that are not contiguous are copied one run at a time."""
-    state = new_state()
+    side in its stats), by slot name. Slices that are not contiguous are copied one run at a time."""
+    state = np.array(_kernel.STATE_START, np.float64)
     gk, mk = _kind(golden), _kind(my)
     for g, m, count_g, count_m in runs:
         _kernel.full(_contiguous(g), gk, _contiguous(m), mk, state, count_g, count_m)
-    return state
+    return dict(zip(SLOTS, state.tolist()))
 
 
-def run_light(golden: RawTensor, my: RawTensor, runs: Iterator[tuple[np.ndarray, np.ndarray, bool, bool]]) -> np.ndarray:
-    """Only the four dot products (GM, GG, MM, DD) over ``runs``."""
-    state = new_state()
+def run_light(golden: RawTensor, my: RawTensor,
+              runs: Iterator[tuple[np.ndarray, np.ndarray, bool, bool]]) -> dict[str, float]:
+    """Only the four dot products ("gm", "gg", "mm", "dd") and "n" over ``runs``."""
+    state = np.array(_kernel.STATE_START, np.float64)
     gk, mk = _kind(golden), _kind(my)
     for g, m, _, _ in runs:
         _kernel.light(_contiguous(g), gk, _contiguous(m), mk, state)
-    return state
+    return dict(zip(SLOTS, state.tolist()))
 
 
 def _contiguous(a: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ online log-sum-exp. Definitions, and where they deliberately differ from ait/msi
 Two forms of the pass give the same sums: the compiled one (``_kernel.c`` through ``fastpass.py``, ~1.5 ns per
 element pair), used whenever it is built and both dtypes are floats, and the numpy one below (~7 ns), which is
 the fallback and the reference the tests hold the compiled one to. The final formulas (``_metric_values``) are
-shared. They agree to ~1e-12 on every metric but the KL divergence, where they agree to KL_RTOL (see there).
+shared. Both are float64 throughout and agree to ~1e-12 relative (docs/metrics.md says where the KL's floor is).
 """
 from __future__ import annotations
 
@@ -36,14 +36,6 @@ METRICS = (
     "kl_divergence",
     "relative_euclidean_distance",
 )
-
-#: How closely the compiled pass's KL divergence agrees with the numpy pass's (relative). Where golden and mine are
-#: close (|m - g| <= 0.34 in a block) and neither is float64, the compiled pass computes exp() and the KL terms in
-#: float32, summed in float64: one exp() instead of two, ~16 % of its time. The terms are taken about m - g where
-#: golden is largest (the heaviest softmax weight), so the float32 rounding scales with how m - g varies, which is
-#: what the KL measures; measured: ~1e-8 relative, 1.1e-7 at worst for a KL above 1e-9 (below, both passes are at
-#: float64's floor, ~1e-16 absolute).
-KL_RTOL = 1e-6
 
 #: The original tool's epsilon: relative errors ignore |golden| <= EPS, and a golden norm <= EPS counts as zero.
 EPS = float(np.finfo(np.float32).eps)
@@ -146,7 +138,7 @@ def _flat(t: RawTensor) -> np.ndarray:
 class _Widener:
     """Widens raw storage slices (any shape, possibly strided) into ONE reused float64 buffer.
 
-    RawTensor.chunks() allocates a fresh float64 array per chunk; on GB tensors the reuse saves page faults.
+    A fresh float64 array per chunk would fault in new pages on GB tensors: one buffer is reused.
     bf16 travels as 16-bit patterns: shifted into the high half of a uint32 it is the exact float32 value.
     """
 
@@ -251,11 +243,11 @@ class _StatsAcc:
         return nf == n
 
     @classmethod
-    def from_slots(cls, slots: np.ndarray) -> "_StatsAcc":
-        """The same accumulator, read from the compiled pass's six slots of one side (see fastpass.py)."""
+    def from_slots(cls, sums: dict[str, float], side: str) -> "_StatsAcc":
+        """The same accumulator, read from the compiled pass's slots of one side ("golden" or "my")."""
         acc = cls()
-        acc.nan, acc.inf, acc.fin_n = (int(x) for x in slots[fastpass.NAN:fastpass.FIN + 1])
-        acc.sum, acc.min, acc.max = (float(x) for x in slots[fastpass.SUM:fastpass.MAX + 1])
+        acc.nan, acc.inf, acc.fin_n = (int(sums[f"{side}_{k}"]) for k in ("nan", "inf", "finite"))
+        acc.sum, acc.min, acc.max = (sums[f"{side}_{k}"] for k in ("sum", "min", "max"))
         return acc
 
     def result(self, t: RawTensor) -> TensorStats:
@@ -378,9 +370,9 @@ def _exp_shifted(x: np.ndarray, shift: float, out: np.ndarray) -> None:
         np.exp(out, out=out)
 
 
-#: Row length of the blocked dot products. OpenBLAS runs ``dot`` on all its threads above 10 000 elements; with
-#: pairs compared in parallel processes those threads fight over the cores (measured: a 32 Ki dot went from 5 us to
-#: 355 us on the 2-core box). Rows of 4096 keep every BLAS call single-threaded whatever the chunk size.
+#: Row length of the blocked dot products. OpenBLAS runs ``dot`` on all its threads above 10 000 elements, and with
+#: pairs compared in parallel processes those threads fight over the cores (docs/performance.md): rows of 4096 keep
+#: every BLAS call single-threaded whatever the chunk size.
 DOT_ROW = 4096
 
 
@@ -506,16 +498,13 @@ def _numpy_pass(golden: RawTensor, my: RawTensor, rule: str, chunk: int, result:
 
 def _compiled_pass(golden: RawTensor, my: RawTensor, rule: str, chunk: int, result: PairMetrics) -> bool:
     """:func:`_numpy_pass` through the compiled kernel: same sums, same formulas, one C call per run."""
-    st = fastpass.run_full(golden, my, _plan(golden, my, rule, chunk))
-    result.golden = _StatsAcc.from_slots(st[fastpass.G_STATS:fastpass.G_STATS + 6]).result(golden)
-    result.my = _StatsAcc.from_slots(st[fastpass.M_STATS:fastpass.M_STATS + 6]).result(my)
-    if st[fastpass.FINITE] != 1.0:
+    sums = fastpass.run_full(golden, my, _plan(golden, my, rule, chunk))
+    result.golden = _StatsAcc.from_slots(sums, "golden").result(golden)
+    result.my = _StatsAcc.from_slots(sums, "my").result(my)
+    if sums["finite"] != 1.0:
         return False
-    f = fastpass
-    result.values = _metric_values(*(float(st[i]) for i in (f.N, f.GM, f.GG, f.MM, f.DD, f.ABS_SUM, f.ABS_MAX,
-                                                            f.REL_SUM, f.REL_MAX, f.SHIFT_G, f.SUM_G, f.T,
-                                                            f.SHIFT_M, f.SUM_M)),
-                                   _all_zero(result.golden), _all_zero(result.my))
+    result.values = _metric_values(**{k: sums[k] for k in fastpass.METRIC_SUMS},
+                                   golden_zero=_all_zero(result.golden), my_zero=_all_zero(result.my))
     return True
 
 
@@ -534,8 +523,8 @@ def similarity(golden: RawTensor, my: RawTensor, *, chunk: int = DEFAULT_CHUNK) 
     if rule is None or _is_float_dtype(golden.dtype) != _is_float_dtype(my.dtype):
         return None
     if fastpass.usable(golden, my):
-        st = fastpass.run_light(golden, my, _plan(golden, my, rule, kernel_chunk))
-        gm, gg, mm, dd = (float(x) for x in st[fastpass.GM:fastpass.DD + 1])
+        sums = fastpass.run_light(golden, my, _plan(golden, my, rule, kernel_chunk))
+        gm, gg, mm, dd = (sums[k] for k in ("gm", "gg", "mm", "dd"))
     else:
         gm, gg, mm, dd = _numpy_dots(golden, my, rule, chunk)
     if not all(math.isfinite(x) for x in (gm, gg, mm, dd)):

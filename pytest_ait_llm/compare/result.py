@@ -27,8 +27,6 @@ class Row:
     rule: str = ""
     metrics: Any = None  # compare.metrics.PairMetrics
     input_metrics: dict[str, float] | None = None
-    input_parts: list = field(default_factory=list)  # engine-internal, between computing and judging
-    output_sample: tuple | None = None  # engine-internal: digests of the output files, for linked inputs
     effective: dict[str, float] = field(default_factory=dict)
     bounds: dict[str, float] = field(default_factory=dict)
     breaches: list = field(default_factory=list)  # compare.tolerance.Breach

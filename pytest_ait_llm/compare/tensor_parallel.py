@@ -15,27 +15,25 @@ comparison too (``golden_ranks``): each rank's file against the golden rank's.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from ..errors import AitLlmError
-from ..formats.atb_bin import read_bin, read_bin_header
 from ..formats.atb_layout import op_files
-from ..formats.dtypes import ACL_DTYPES
 from ..formats.ranks import RankedRun, content_evidence, token_problems
 from ..formats.tensor import RawTensor
-from ..formats.torch_layout import TorchDump, load_torch_tensor
+from ..formats.torch_layout import TorchDump
 from ..mapping.pairing import OpPair, Unpaired, completion_order, pair_ops
 from ..mapping.ranks import (REPLICATED, SPLIT, Distribution, align_shared_targets, decide, decide_rank_to_rank,
                              is_all_reduced)
 from ..mapping.rules import mapping_table
 from .merged import compare_merged, share_text, worst_shard
 from .metrics import compare_tensors
+from .plan import CompareOptions, ReadOptions
 from .result import COMPARED, UNPAIRED, CompareResult, Row
-from .tolerance import Breach, Tolerance, judge
+from .tolerance import Breach, judge
 
 MERGED, CONSISTENCY = "merged", "consistency"
 
@@ -55,50 +53,38 @@ def _pick(files: list[Path], stem: str | None) -> list[Path]:
     return [f for f in files if _stem(f) in aliases][:1]
 
 
-@dataclass
-class _Reader:
-    max_bin_bytes: int | None = None
-    allow_symlinks: bool | None = None
-    headers: dict = field(default_factory=dict)
+class _Files:
+    """One side's read options, with the shapes already read (pairing asks each file's shape more than once)."""
+
+    def __init__(self, read: ReadOptions):
+        self.read, self.shapes = read, {}
+        self.allow_symlinks = read.allow_symlinks
 
     def load(self, path: Path) -> RawTensor:
-        if Path(path).suffix == ".bin":
-            kwargs = {} if self.max_bin_bytes is None else {"max_bytes": self.max_bin_bytes}
-            return read_bin(path, allow_symlinks=self.allow_symlinks, **kwargs)
-        return load_torch_tensor(path, allow_symlinks=self.allow_symlinks)
+        return self.read.load(path)
 
     def shape(self, path: Path) -> tuple[int, ...] | None:
-        key = str(path)
-        if key not in self.headers:
-            try:
-                if Path(path).suffix == ".bin":
-                    kwargs = {} if self.max_bin_bytes is None else {"max_bytes": self.max_bin_bytes}
-                    self.headers[key] = tuple(read_bin_header(path, allow_symlinks=self.allow_symlinks, **kwargs).dims)
-                else:
-                    self.headers[key] = tuple(load_torch_tensor(path, allow_symlinks=self.allow_symlinks).shape)
-            except (AitLlmError, OSError):
-                self.headers[key] = None
-        return self.headers[key]
+        if str(path) not in self.shapes:
+            self.shapes[str(path)] = self.read.shape(path)
+        return self.shapes[str(path)]
 
 
 class TensorParallelComparison:
     """One TP run against one single-device golden (see the module docstring)."""
 
-    def __init__(self, golden: TorchDump, run: RankedRun, *, mapping_dir=None, tolerance: Tolerance | None = None,
-                 tokens: Sequence[int] | None = None, ranks: Sequence[str | int] | None = None,
-                 max_bin_bytes: int | None = None, custom_metrics=(), golden_ranks: Sequence[TorchDump] = ()):
-        self.golden, self.run = golden, run
+    def __init__(self, golden: TorchDump, run: RankedRun, options: CompareOptions,
+                 golden_ranks: Sequence[TorchDump] = ()):
+        self.golden, self.run, self.options = golden, run, options
         #: a TP golden: one torch dump per rank, rank order (``golden`` is the first); compared rank to rank
         self.golden_ranks = list(golden_ranks)
-        self.table = mapping_table(mapping_dir)
-        self.tolerance = tolerance or Tolerance()
-        self.tokens = tokens
-        wanted = None if ranks is None else {str(r) for r in ranks if r is not None and str(r) != MERGED} or None
+        self.table = mapping_table(options.mapping_dir)
+        self.tolerance = options.tolerance
+        self.tokens = options.tokens
+        wanted = {r for r in options.ranks or () if r != MERGED} or None
         self.only = None if wanted is None else [i for i, r in enumerate(run.ranks)
                                                  if {r.path.name, str(r.device_id), str(i)} & wanted]
-        self.reader = _Reader(max_bin_bytes, run.dump.allow_symlinks)
-        self.golden_reader = _Reader(max_bin_bytes, getattr(golden, "allow_symlinks", None))
-        self.custom_metrics = tuple(custom_metrics)
+        self.reader, self.golden_reader = _Files(options.my), _Files(options.golden)
+        self.custom_metrics = options.custom_metrics
         self.decisions: dict[tuple, Distribution] = {}
 
     # -- files
@@ -404,45 +390,43 @@ def _slice(golden: RawTensor, dim: int, start: int, width: int) -> RawTensor:
     return RawTensor(np.ascontiguousarray(part), golden.dtype, shape[:dim] + (width,) + shape[dim + 1:])
 
 
-def compare_run(golden: TorchDump, run: RankedRun, **kwargs) -> CompareResult:
-    """Compare the TP ``run`` with the single-device ``golden`` (keywords: see :class:`TensorParallelComparison`)."""
-    return TensorParallelComparison(golden, run, **kwargs).run_comparison()
+def compare_run(golden: TorchDump, run: RankedRun, options: CompareOptions | None = None,
+                golden_ranks: Sequence[TorchDump] = ()) -> CompareResult:
+    """Compare the TP ``run`` with the single-device ``golden`` (or, with ``golden_ranks``, rank to rank)."""
+    return TensorParallelComparison(golden, run, options or CompareOptions(), golden_ranks).run_comparison()
 
 
-def compare_tensor_parallel(golden, my, *, ranks=None, allow_symlinks: bool | None = None,
-                            **kwargs) -> CompareResult | None:
+def compare_tensor_parallel(golden, my, options: CompareOptions) -> CompareResult | None:
     """The comparison of a tensor-parallel ``my`` run, or None when ``my`` is not one (the caller compares as usual).
 
     ``my`` is a TP run when its rank dirs' topologies state a parallel group (``rank``/``rankSize`` params), or
-    when ``ranks`` is ``["merged"]`` and it has two or more rank dirs. A path (root, rank dir or token dir) brings
-    in every rank of its run; an AtbDump handle is taken as it is. A ``golden`` path holding several rank dirs is a
-    TP golden: rank r is compared with golden rank r (pairing still decided by the rank evidence of both sides).
-    ``kwargs``: mapping_dir, tolerance, tokens, max_bin_bytes, custom_metrics (workers, progress: unused).
+    when ``options.ranks`` is ``{"merged"}`` and it has two or more rank dirs. A path (root, rank dir or token dir)
+    brings in every rank of its run; an AtbDump handle is taken as it is. A ``golden`` path holding several rank
+    dirs is a TP golden: rank r is compared with golden rank r (pairing still decided by both sides' evidence).
     """
     from ..formats.atb_layout import AtbDump, open_atb_dump
     from ..formats.ranks import is_tensor_parallel, open_run, torch_rank_dirs
     from ..formats.torch_layout import open_torch_dump
 
-    dump = my if isinstance(my, AtbDump) else open_atb_dump(my, allow_symlinks=allow_symlinks)
+    links = options.my.allow_symlinks
+    dump = my if isinstance(my, AtbDump) else open_atb_dump(my, allow_symlinks=links)
     if isinstance(my, AtbDump) and len(dump.ranks) < 2:
         return None
-    root_ranks = dump.ranks if isinstance(my, AtbDump) else open_atb_dump(dump.root, allow_symlinks=allow_symlinks).ranks
+    root_ranks = dump.ranks if isinstance(my, AtbDump) else open_atb_dump(dump.root, allow_symlinks=links).ranks
     if len(root_ranks) < 2:
         return None
-    run = open_run(dump if isinstance(my, AtbDump) else dump.root, allow_symlinks=allow_symlinks)
-    wanted = [str(r) for r in ranks or () if r is not None]
-    if not is_tensor_parallel(run) and not (wanted == [MERGED] and run.size > 1):
+    run = open_run(dump if isinstance(my, AtbDump) else dump.root, allow_symlinks=links)
+    if not is_tensor_parallel(run) and not (options.ranks == frozenset({MERGED}) and run.size > 1):
         return None
-    options = {k: kwargs[k] for k in ("mapping_dir", "tolerance", "tokens", "max_bin_bytes", "custom_metrics")
-               if k in kwargs}
+    g_links = options.golden.allow_symlinks
     golden_dirs = [] if isinstance(golden, TorchDump) else torch_rank_dirs(golden)
     if golden_dirs:
-        golden_ranks = [open_torch_dump(d, allow_symlinks=allow_symlinks) for d in golden_dirs]
-        result = compare_run(golden_ranks[0], run, ranks=wanted or None, golden_ranks=golden_ranks, **options)
+        golden_ranks = [open_torch_dump(d, allow_symlinks=g_links) for d in golden_dirs]
+        result = compare_run(golden_ranks[0], run, options, golden_ranks)
         if len(golden_dirs) != run.size:
             result.rows.insert(0, Row(None, 0, -1, MERGED, status=UNPAIRED, reason=(
                 f"golden has {len(golden_dirs)} rank dirs ({', '.join(d.name for d in golden_dirs)}), the ATB run "
                 f"{run.size}: ranks paired in order, the others not compared")))
         return result
-    golden_dump = golden if isinstance(golden, TorchDump) else open_torch_dump(golden, allow_symlinks=allow_symlinks)
-    return compare_run(golden_dump, run, ranks=wanted or None, **options)
+    golden_dump = golden if isinstance(golden, TorchDump) else open_torch_dump(golden, allow_symlinks=g_links)
+    return compare_run(golden_dump, run, options)

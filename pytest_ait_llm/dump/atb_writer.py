@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 from ..errors import AitLlmError, FormatError
 from ..formats.atb_bin import write_bin
 from ..formats.atb_topology import parse_topology
-from ..formats.atomic import atomic_write_text
+from ..formats.safe_io import atomic_write_text
 
 #: -time values: 0 before, 1 after (ait default), 2 both, 3 inputs before/ + outputs after/ (msit default).
 TIME_BEFORE, TIME_AFTER, TIME_BOTH, TIME_IN_BEFORE_OUT_AFTER = 0, 1, 2, 3

@@ -14,7 +14,6 @@ import fnmatch
 import json
 import os
 import re
-import uuid
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +22,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ..formats.safe_io import atomic_write
 
 __all__ = ["DumpConfig", "DumpHandle", "register_hook"]
 
@@ -433,22 +434,11 @@ def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to(device="cpu", memory_format=torch.contiguous_format, copy=True)
 
 
-def _atomic_replace(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _save_tensor(tensor: torch.Tensor, path: Path) -> None:
     copy = _cpu_copy(tensor)
-    _atomic_replace(path, lambda tmp: torch.save(copy, tmp))
+    atomic_write(path, lambda tmp: torch.save(copy, tmp))
 
 
 def _write_json(path: Path, obj: Any) -> None:
     text = json.dumps(obj, indent=2)
-    _atomic_replace(path, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
+    atomic_write(path, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))

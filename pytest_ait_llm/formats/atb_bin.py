@@ -7,7 +7,6 @@ multi-GB tensor costs address space, not RAM.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import mmap
 import os
@@ -19,8 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError
-from . import parsed
-from .atomic import as_path, atomic_write_bytes, open_regular
+from .safe_io import as_path, atomic_write_bytes, open_regular
 from .dtypes import ACL_DTYPES, BY_NAME, KNOWN_UNSUPPORTED, AclDtype, by_name
 from .tensor import RawTensor
 
@@ -90,7 +88,7 @@ def _supported_codes() -> str:
 
 
 def _open_regular_file(path: Path, max_bytes: int, allow_symlinks: bool | None) -> tuple[int, int]:
-    """(open fd, size) of a tensor file, after refusing what cannot be one (see ``atomic.open_regular``)."""
+    """(open fd, size) of a tensor file, after refusing what cannot be one (see ``safe_io.open_regular``)."""
     fd, size = open_regular(path, max_bytes, what="ATB .bin tensor", allow_symlinks=allow_symlinks,
                             raise_hint=f"raise it with max_bytes=..., e.g. max_bytes={_size_hint(path)}, "
                                        f"or --max-bin-bytes")
@@ -189,23 +187,9 @@ def read_bin_header(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BIN
     p = as_path(path)
     fd, size = _open_regular_file(p, max_bytes, allow_symlinks)
     try:
-        return _cached_header(p, fd, size)
+        return _header_from(p, fd, size)
     finally:
         os.close(fd)
-
-
-def _cached_header(p: Path, fd: int, size: int, *, copy: bool = True) -> BinHeader:
-    """:func:`_header_from`, parsed once per file version (see formats/parsed.py); a copy, so callers may keep it
-    (``copy=False``: the cached one, for a caller that only reads it)."""
-    key = parsed.file_key(p, os.fstat(fd))
-    header = parsed.get(key)
-    if header is None:
-        header = _header_from(p, fd, size)
-        parsed.put(key, header)
-    if not copy:
-        return header
-    return dataclasses.replace(header, stats=dict(header.stats) if header.stats else header.stats,
-                               extra=dict(header.extra))
 
 
 def _header_from(p: Path, fd: int, size: int) -> BinHeader:
@@ -274,6 +258,9 @@ def _header_from(p: Path, fd: int, size: int) -> BinHeader:
     itemsize = _dtype_for(dtype_code, p).itemsize
     expected = math.prod(dims) * itemsize  # Python int: a bogus 10 GB claim is just a big number, nothing allocated
     dims_text = ",".join(map(str, dims))
+    if math.prod(max(d, 1) for d in dims) * itemsize >= 2**63:
+        # numpy sizes even an empty array as if its zero dims were 1 (dims=0,2^62,2^62 is "too big")
+        raise FormatError(f"{p}: dims={dims_text} is too large for any array, even an empty one")
     if object_length is not None and object_length != expected:
         raise FormatError(f"{p}: $Object.Length={object_length} but dims={dims_text} x {itemsize} bytes "
                           f"needs {expected} bytes")
@@ -307,7 +294,7 @@ def read_bin(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BIN_BYTES,
     p = as_path(path)
     fd, size = _open_regular_file(p, max_bytes, allow_symlinks)
     try:
-        header = _cached_header(p, fd, size, copy=False)  # only read here
+        header = _header_from(p, fd, size)
         if header.is_stats_only:
             raise FormatError(f"{header.path}: stats-only .bin (no tensor payload)")
         acl = header.acl_dtype
@@ -317,7 +304,7 @@ def read_bin(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BIN_BYTES,
         else:
             # Map the file already opened and checked, not the name again: a name swapped for a FIFO meanwhile
             # would block the mapping's open(). One read-only map of the whole file, the array a view into it
-            # (np.memmap costs ~4x more per file, and a comparison opens thousands).
+            # (np.memmap costs more per file, and a comparison opens thousands: docs/performance.md).
             try:
                 whole = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
                 data = np.frombuffer(whole, dtype=acl.storage, count=numel,
@@ -328,8 +315,7 @@ def read_bin(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BIN_BYTES,
             data = data.reshape(header.dims)
     finally:
         os.close(fd)
-    return RawTensor(data=data, dtype=acl.name, shape=header.dims, path=header.path,
-                     offset=header.payload_offset + header.object_offset)
+    return RawTensor(data=data, dtype=acl.name, shape=header.dims, path=header.path)
 
 
 # ----------------------------------------------------------------------------------------------------- writing

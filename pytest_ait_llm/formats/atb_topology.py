@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import FormatError
-from .atomic import DEFAULT_MAX_JSON_BYTES, max_json_bytes, read_bounded
+from .safe_io import DEFAULT_MAX_JSON_BYTES, max_json_bytes, read_bounded
 
 #: Real models nest model -> layer -> sub-graph -> op (4 levels); anything past this is corrupt or hostile.
 MAX_DEPTH = 64

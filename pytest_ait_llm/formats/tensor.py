@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -20,25 +19,16 @@ class RawTensor:
     ``data`` is a flat numpy array of the storage dtype (a read-only view of the file's memory map for
     .bin/.pth, a ``np.memmap`` for .npy; bf16 as uint16 patterns);
     ``dtype`` is the logical dtype name ("bfloat16", "float16", "float32", "int8", ...); ``shape`` the logical shape.
-    ``offset``: where element 0 lies in the file at ``path`` when the payload is stored there contiguously, so that
-    a few elements can be read without mapping their pages (a first touch of a mapped page costs ~10 us here).
     """
 
     data: np.ndarray
     dtype: str
     shape: tuple[int, ...]
     path: Path | None = None
-    offset: int | None = None
 
     @property
     def numel(self) -> int:
         return int(prod(self.shape)) if self.shape else int(self.data.size)
-
-    def chunks(self, size: int = DEFAULT_CHUNK) -> Iterator[np.ndarray]:
-        """float64 chunks of the flattened tensor, ``size`` elements each (the last may be shorter)."""
-        flat = self.data.reshape(-1)
-        for start in range(0, flat.size, size):
-            yield widen(flat[start:start + size], self.dtype)
 
     def to_float64(self) -> np.ndarray:
         """The whole tensor widened to float64, in its logical shape (for tests and small tensors)."""

@@ -17,8 +17,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import FormatError, LayoutError
-from .atomic import as_path, max_json_bytes, outside_dump_root, read_bounded
+from .safe_io import as_path, max_json_bytes, outside_dump_root, read_bounded
 from .files import OpFiles
+from .atb_bin import DEFAULT_MAX_BIN_BYTES
 from .pth_zip import read_plain_tensor
 from .tensor import RawTensor
 
@@ -308,7 +309,8 @@ def _number(root: TorchModule, exec_orders: dict[int, int] | None) -> None:
 
 # -- tensors ---------------------------------------------------------------------------------------------------------
 
-def load_torch_tensor(path: str | Path, *, allow_symlinks: bool | None = None) -> RawTensor:
+def load_torch_tensor(path: str | Path, *, allow_symlinks: bool | None = None,
+                      max_bytes: int = DEFAULT_MAX_BIN_BYTES) -> RawTensor:
     """Read one dumped tensor without copying it: .pth/.pt and .npy memory-mapped.
 
     A zip-format .pth holding one plain tensor is mapped without importing torch (:mod:`.pth_zip`); anything
@@ -316,14 +318,15 @@ def load_torch_tensor(path: str | Path, *, allow_symlinks: bool | None = None) -
     is a file somebody gave you) is refused with :class:`FormatError`, as is any content that is not a single
     tensor.
     bf16 comes back as uint16 bit patterns with ``dtype="bfloat16"``. A symlink out of the dump root is refused
-    unless ``allow_symlinks`` (default: the AIT_LLM_ALLOW_SYMLINKS environment variable).
+    unless ``allow_symlinks`` (default: the AIT_LLM_ALLOW_SYMLINKS environment variable). ``max_bytes`` bounds
+    what is inflated or materialised in memory (a compressed member, a strided view): beyond it the file is refused.
     """
     path = as_path(path)
     why = outside_dump_root(path, allow_symlinks=allow_symlinks)
     if why:
         raise FormatError(f"{path}: {why}")
     if path.suffix != ".npy":
-        raw = read_plain_tensor(path)  # checks the file it opened is a regular one (FIFOs are opened non-blocking)
+        raw = read_plain_tensor(path, max_bytes=max_bytes)  # checks the file it opened is a regular one (FIFOs are opened non-blocking)
         if raw is not None:
             return raw
     _check_regular(path)
@@ -347,7 +350,7 @@ def load_torch_tensor(path: str | Path, *, allow_symlinks: bool | None = None) -
         raise FormatError(f"{path}: not a torch tensor file ({type(exc).__name__}: {_first_line(exc)})") from None
     if not isinstance(obj, torch.Tensor):
         raise FormatError(f"{path}: holds a {type(obj).__name__}, not a tensor")
-    return _raw_from_torch(obj, path)
+    return _raw_from_torch(obj, path, max_bytes)
 
 
 def _check_regular(path: Path) -> None:
@@ -386,12 +389,18 @@ def _first_line(exc: BaseException) -> str:
     return (text.splitlines()[0] if text else "")[:200]
 
 
-def _raw_from_torch(tensor: Any, path: Path) -> RawTensor:
+def _raw_from_torch(tensor: Any, path: Path, max_bytes: int) -> RawTensor:
     import torch
 
     tensor = tensor.detach()
     if tensor.layout != torch.strided or tensor.is_quantized:
         raise FormatError(f"{path}: {tensor.layout} / quantized tensors are not supported")
+    if not tensor.is_contiguous():  # every pass reads it flat: materialised, within the limit
+        need = tensor.numel() * tensor.element_size()
+        if need > max_bytes:
+            raise FormatError(f"{path}: a strided view of {tensor.numel()} elements (e.g. an expand()ed tensor); "
+                              f"comparing it needs {need} bytes, over the limit of {max_bytes}; refused")
+        tensor = tensor.contiguous()
     shape = tuple(tensor.shape)
     try:
         if tensor.dtype == torch.bfloat16:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MappingError
-from ..formats.atomic import max_json_bytes, read_bounded
+from ..formats.safe_io import max_json_bytes, read_bounded
 
 MAPPING_FILE_NAME = "op_mapping_file.json"
 

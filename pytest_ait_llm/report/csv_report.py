@@ -2,19 +2,19 @@
 
 File name ``ait_cmp_report_{%Y%m%d%H%M%S}.csv`` as the original; when that name is taken (two runs in the same second,
 parallel xdist workers) a ``_N`` suffix is added. The name is reserved with O_EXCL, so it never collides, and the
-content is written to a temp file and renamed over the reservation, so a crash never leaves a half report.
+content is written to a temp file and renamed over the reservation (formats/safe_io.atomic_write), so a crash never leaves a half report.
 """
 from __future__ import annotations
 
 import csv
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 
 from ..compare.metrics import METRICS
 from ..compare.result import CompareResult, Row
+from ..formats.safe_io import atomic_write
 
 AIT_COLUMNS = [
     "token_id", "data_id", "golden_data_path", "golden_dtype", "golden_shape", "golden_max_value",
@@ -103,22 +103,26 @@ def reserve_report_path(output_dir: str | Path, prefix: str = "ait_cmp_report_",
 
 
 def write_csv(result: CompareResult, output_dir: str | Path) -> Path:
-    """Write the report for ``result`` into ``output_dir`` and return its path."""
+    """Write the report for ``result`` into ``output_dir`` and return its path.
+
+    UTF-8, with any character UTF-8 cannot hold written as its backslash escape (a lone surrogate from a topology's
+    JSON, a file name in GBK bytes read on a UTF-8 system shows as ``\\udcd6``): a name never costs the report.
+    """
     path = reserve_report_path(output_dir)
     custom = custom_columns(result)
-    fd, tmp = tempfile.mkstemp(prefix=".ait_cmp_report_", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
+
+    def write(temp: Path) -> None:
+        with open(temp, "x", newline="", encoding="utf-8", errors="backslashreplace") as fh:
             writer = csv.writer(fh)
             writer.writerow(AIT_COLUMNS + OUR_COLUMNS + custom)
             for row in result.rows:
                 writer.writerow(row_values(row, custom))
-        os.replace(tmp, path)
+
+    try:
+        return atomic_write(path, write)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
         path.unlink(missing_ok=True)  # the empty reservation we made above: nothing of the user's
         raise
-    return path
 
 
 def dataframe(result: CompareResult):

@@ -1,4 +1,4 @@
-"""Safe file access: atomic writes (nobody sees a half-written file) and bounded, confined reads of dump files.
+"""Safe file access: atomic writes (nobody sees a half-written file), the symlink policy, bounded reads, limits.
 
 A dump is often read while the process that writes it is still running (or after it was killed). Writing to a
 temporary file in the same directory and then ``os.replace``-ing it over the final name makes every file appear
@@ -14,7 +14,7 @@ import os
 import secrets
 import stat as stat_mod
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Callable, Iterable, Union
 
 from ..errors import FormatError
 
@@ -26,24 +26,24 @@ def _temp_name(target: Path) -> Path:
     return target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
-def atomic_write_bytes(path: str | os.PathLike, chunks: Iterable[Chunk], *, durable: bool = False) -> Path:
-    """Write ``chunks`` (bytes-like objects, written in order) to ``path`` atomically and return the path.
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], *, durable: bool = False) -> Path:
+    """Make ``path`` appear complete or not at all: ``write(temp)`` fills a temp file beside it, renamed over it.
 
-    The parent directory is created if needed. ``durable=True`` also fsyncs the data before the rename, which
-    survives a power cut but costs a disk flush per file (too slow for dumps with thousands of tensors).
-    The file gets the usual permissions (0o666 minus the umask), unlike ``tempfile.mkstemp``'s 0o600.
+    The one writer of every file the package writes (tensors, JSON, reports). The parent directory is created if
+    needed. ``durable=True`` also fsyncs the data before the rename, which survives a power cut but costs a disk
+    flush per file (too slow for dumps with thousands of tensors). On any failure the temp file is removed.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     temp = _temp_name(target)
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
-        with os.fdopen(fd, "wb") as out:
-            for chunk in chunks:
-                out.write(chunk)
-            if durable:
-                out.flush()
-                os.fsync(out.fileno())
+        write(temp)
+        if durable:
+            fd = os.open(temp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(temp, target)
     except BaseException:
         try:
@@ -54,8 +54,20 @@ def atomic_write_bytes(path: str | os.PathLike, chunks: Iterable[Chunk], *, dura
     return target
 
 
+def atomic_write_bytes(path: str | os.PathLike, chunks: Iterable[Chunk], *, durable: bool = False) -> Path:
+    """Write ``chunks`` (bytes-like objects, in order) to ``path`` atomically (see :func:`atomic_write`)."""
+    def write(temp: Path) -> None:
+        # O_EXCL: never write through a file (or link) that appeared under the temp name; usual 0o666 - umask
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                out.write(chunk)
+
+    return atomic_write(path, write, durable=durable)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str, *, encoding: str = "utf-8", durable: bool = False) -> Path:
-    """Write ``text`` to ``path`` atomically (see :func:`atomic_write_bytes`)."""
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_write`)."""
     return atomic_write_bytes(path, [text.encode(encoding)], durable=durable)
 
 
