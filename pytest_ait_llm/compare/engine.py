@@ -17,6 +17,7 @@ from ..errors import AitLlmError
 from ..formats.atb_layout import AtbDump, open_atb_dump
 from ..formats.torch_layout import TorchDump, open_torch_dump
 from .judge import build_result
+from .merged import compare_split
 from .metrics import PairMetrics, compare_tensors, similarity
 from .plan import CompareOptions, Progress, Task, input_pairs, make_plan
 from .result import CompareResult
@@ -45,6 +46,7 @@ class TaskResult:
     reason: str = ""
     output_digests: tuple[bytes, bytes] | None = None
     inputs: list[InputError] = field(default_factory=list)
+    shares: list = field(default_factory=list)  # a split op's per-rank ShardShare (compare/merged.py)
 
 
 def _why(exc: BaseException, path) -> str:
@@ -66,6 +68,11 @@ def compare_task(task: Task, options: CompareOptions) -> TaskResult:
     try:
         at = task.golden
         golden = options.golden.load(task.golden)
+        if task.shards:  # the ranks' files of a split op, fed to the pass in rank order
+            at = ";".join(map(str, task.shards))
+            result.metrics, result.shares = compare_split(golden, [options.my.load(f) for f in task.shards],
+                                                          *task.split)
+            return _with_inputs(result, task, options)
         at = task.my
         my = options.my.load(task.my)
         at = f"{task.golden} vs {task.my}"
@@ -77,6 +84,10 @@ def compare_task(task: Task, options: CompareOptions) -> TaskResult:
         return result
     finally:
         golden = my = None  # noqa: F841 - drop the memory maps before the next pair
+    return _with_inputs(result, task, options)
+
+
+def _with_inputs(result: TaskResult, task: Task, options: CompareOptions) -> TaskResult:
     if result.metrics.fail_reason:
         result.reason = result.metrics.fail_reason
     try:

@@ -211,3 +211,26 @@ def worst_shard(shares: Sequence[ShardShare]) -> int | None:
     if not shares or all(s.error_share == 0 or math.isnan(s.error_share) for s in shares):
         return None
     return max(range(len(shares)), key=lambda r: shares[r].error_share)
+
+
+def compare_split(golden: RawTensor, shards: Sequence[RawTensor], dim: int,
+                  start: int = 0) -> tuple[PairMetrics, list[ShardShare]]:
+    """A split op's comparison: every rank's shard merged (``start`` 0, the shards covering golden's ``dim``), or
+    one rank's shard against its slice of the golden from ``start`` (the per-rank view; no shares then).
+    Shards may lack golden's leading size-1 dims ([s, h] shards of a [1, s, h] golden)."""
+    from .metrics import compare_tensors
+
+    lead = len(golden.shape) - len(shards[0].shape)
+    if lead > 0:
+        shards = [RawTensor(s.data, s.dtype, (1,) * lead + tuple(s.shape), s.path) for s in shards]
+    width = sum(int(s.shape[dim]) for s in shards) if all(len(s.shape) > dim for s in shards) else -1
+    if start == 0 and width == int(golden.shape[dim]):
+        return compare_merged(golden, shards, dim)
+    shape = tuple(int(d) for d in golden.shape)
+    if len(shards) != 1 or width < 1 or start + width > shape[dim] or golden.data.size < golden.numel:
+        metrics, _ = compare_merged(golden, shards, dim)  # says why they do not fit
+        return metrics, []
+    outer, inner = prod(shape[:dim]), prod(shape[dim + 1:])
+    part = _flat(golden).reshape(outer, shape[dim], inner)[:, start:start + width, :]
+    piece = RawTensor(np.ascontiguousarray(part), golden.dtype, shape[:dim] + (width,) + shape[dim + 1:])
+    return compare_tensors(piece, shards[0]), []

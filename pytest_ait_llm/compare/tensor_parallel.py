@@ -1,26 +1,27 @@
 """Compare a tensor-parallel ATB run (N rank dirs) with a single-device golden: the ranks as one comparison.
 
-Plan: one rank's topology is paired with the golden tree, each candidate confirmed by the op's distribution over
-the ranks (mapping/ranks.py: replicated, split along one dim, or unknown with the reason). Compare: a split op is
-one row, ``rank`` = ``merged``, its metrics those of the concatenation in rank order (compare/merged.py) and each
-shard's share of the error; a replicated op is one row per rank, plus a ``consistency`` row naming the ranks that
-disagree when they do (an all-reduce or broadcast bug, a finding even where each rank is close to the golden).
-Judge: the merged metrics and every shard's own cosine and distance against the same bounds, so a 5 % error in one
-shard of eight is not averaged away; the first divergence names the shard's rank.
+The same three steps as any comparison (plan, compare, judge), with a plan of its own:
+- plan (:class:`TensorParallelPlanner`): rank 0's topology is paired with the golden tree, each candidate
+  confirmed by the op's distribution over the ranks (mapping/ranks.py: replicated, split along one dim, or unknown
+  with the reason). A split op becomes one task whose "my" side is the ranks' files (``Task.shards``): one row,
+  ``rank`` = ``merged``, the metrics of the concatenation in rank order (compare/merged.py) and each shard's share
+  of the error. A replicated op becomes one task per rank.
+- compare: the usual worker (compare/engine.py), in parallel.
+- judge: the usual verdicts (added error over the inputs included), then :meth:`TensorParallelPlan.judge_ranks`:
+  every shard's own cosine and distance against the same bounds (a 5 % error in one shard of eight is not
+  averaged away; the breach names the rank), and a ``consistency`` row naming the ranks whose copies of a
+  replicated tensor differ (an all-reduce or broadcast bug, a finding even where each is close to the golden).
 
 With ``ranks`` given (the ``ait_rank`` parametrization) only those ranks are compared: their replicated ops, and
-their shards against their slices of the golden. A golden with ranks of its own is paired rank to rank by the
-comparison too (``golden_ranks``): each rank's file against the golden rank's.
+their shards against their slices of the golden. A golden with ranks of its own (a TP torch run) is compared rank
+to rank (``golden_ranks``): each rank's file against the golden rank's.
 """
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
-from ..errors import AitLlmError
 from ..formats.atb_layout import op_files
 from ..formats.ranks import RankedRun, content_evidence, token_problems
 from ..formats.tensor import RawTensor
@@ -29,9 +30,10 @@ from ..mapping.pairing import OpPair, Unpaired, completion_order, pair_ops
 from ..mapping.ranks import (REPLICATED, SPLIT, Distribution, align_shared_targets, decide, decide_rank_to_rank,
                              is_all_reduced)
 from ..mapping.rules import mapping_table
-from .merged import compare_merged, share_text, worst_shard
+from .merged import share_text, worst_shard
 from .metrics import compare_tensors
-from .plan import CompareOptions, ReadOptions
+from .plan import (CompareOptions, Plan, RankGraph, ReadOptions, Task, _Files as _Listings, _link_inputs, _pick,
+                   _producers, output_checked_by_a_part)
 from .result import COMPARED, UNPAIRED, CompareResult, Row
 from .tolerance import Breach, judge
 
@@ -40,17 +42,6 @@ MERGED, CONSISTENCY = "merged", "consistency"
 #: Largest relative distance between two ranks' copies of a replicated tensor that is still agreement: one rounding
 #: unit of the dtype (an all-reduce gives every rank the same bits; a broadcast bug gives more than a unit).
 CONSISTENCY_LIMIT = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11, "float32": 2.0 ** -24, "float64": 2.0 ** -53}
-
-
-def _stem(path: Path) -> str:
-    return Path(path).stem
-
-
-def _pick(files: list[Path], stem: str | None) -> list[Path]:
-    if stem is None:
-        return files
-    aliases = {"output", "output_0"} if stem in ("output", "output_0") else {stem}
-    return [f for f in files if _stem(f) in aliases][:1]
 
 
 class _Files:
@@ -69,22 +60,43 @@ class _Files:
         return self.shapes[str(path)]
 
 
-class TensorParallelComparison:
-    """One TP run against one single-device golden (see the module docstring)."""
+@dataclass
+class TensorParallelPlan(Plan):
+    """A plan whose rows are ordered across ranks and judged across them (see the module docstring)."""
+
+    run: RankedRun | None = None
+    #: (token, op, module, stem) -> the task indices of that replicated op output on every rank: checked for
+    #: agreement across ranks
+    replicated_groups: dict[tuple, list[int]] = field(default_factory=dict)
+
+    def judge_ranks(self, task_rows: list[Row], results: Sequence, options: CompareOptions) -> list[Row]:
+        for row, res in zip(task_rows, results):
+            if getattr(res, "shares", None) and row.status == COMPARED and row.metrics is not None:
+                _judge_shards(row, res.shares, self.run, options)
+        out = []
+        for group in self.replicated_groups.values():
+            if len(group) < 2:
+                continue
+            finding = _consistency([task_rows[i] for i in group], [self.tasks[i] for i in group], self.run, options)
+            if finding is not None:
+                out.append(finding)
+        return out
+
+
+class TensorParallelPlanner:
+    """Plans one TP run against one single-device golden (or, with ``golden_ranks``, against a TP golden)."""
 
     def __init__(self, golden: TorchDump, run: RankedRun, options: CompareOptions,
                  golden_ranks: Sequence[TorchDump] = ()):
         self.golden, self.run, self.options = golden, run, options
-        #: a TP golden: one torch dump per rank, rank order (``golden`` is the first); compared rank to rank
         self.golden_ranks = list(golden_ranks)
         self.table = mapping_table(options.mapping_dir)
         self.tolerance = options.tolerance
-        self.tokens = options.tokens
         wanted = {r for r in options.ranks or () if r != MERGED} or None
         self.only = None if wanted is None else [i for i, r in enumerate(run.ranks)
                                                  if {r.path.name, str(r.device_id), str(i)} & wanted]
         self.reader, self.golden_reader = _Files(options.my), _Files(options.golden)
-        self.custom_metrics = options.custom_metrics
+        self.listings = [_Listings(g) for g in (self.golden_ranks or [golden])]
         self.decisions: dict[tuple, Distribution] = {}
 
     # -- files
@@ -103,7 +115,7 @@ class TensorParallelComparison:
         files = _pick(golden.module_files(token, module).outputs, stem)
         return files[0] if files else None
 
-    # -- plan
+    # -- distribution
     def distribution(self, pair: OpPair, token: int) -> Distribution | None:
         """How ``pair``'s output is distributed over the ranks (None: a side has no file to tell)."""
         key = (id(pair.files_op), id(pair.module), pair.atb_stem, pair.torch_stem)
@@ -116,7 +128,7 @@ class TensorParallelComparison:
             shapes = [self.reader.shape(m) for m in mine]
             if g_shape is None or any(s is None for s in shapes):
                 return None
-            evidence = content_evidence(mine, allow_symlinks=self.reader.allow_symlinks)
+            evidence = content_evidence(mine, allow_symlinks=self.reader.allow_symlinks, load=self.reader.load)
             if self.golden_ranks:
                 g_files = [self._golden_file(token, pair.module.name, pair.torch_stem, rank=r)
                            for r in range(len(self.golden_ranks))]
@@ -132,23 +144,24 @@ class TensorParallelComparison:
                                              all_reduced=is_all_reduced(pair.files_op))
         return self.decisions[key]
 
-    def run_comparison(self) -> CompareResult:
-        rows: list[Row] = [Row(None, 0, -1, _problem_rank(p), status=UNPAIRED, reason=p) for p in self.run.problems]
-        reference = self.run.ranks[0]
-        topology = reference.topology()
+    # -- plan
+    def plan(self) -> TensorParallelPlan:
+        plan = TensorParallelPlan([], [], [], [], [], set(), ranks_as_one=True, run=self.run)
+        plan.rows.extend(Row(None, 0, -1, _problem_rank(p), status=UNPAIRED, reason=p) for p in self.run.problems)
+        topology = self.run.ranks[0].topology()
         order = completion_order(topology)
         g_tokens = set(self.golden.tokens)
         m_tokens = set().union(*(r.token_dirs for r in self.run.ranks))
-        wanted = set(self.tokens) if self.tokens is not None else g_tokens | m_tokens
+        wanted = set(self.options.tokens) if self.options.tokens is not None else g_tokens | m_tokens
         for t in sorted((g_tokens ^ m_tokens) & wanted):
             side = "torch" if t in g_tokens else "ATB"
-            rows.append(Row(t, 0, -1, MERGED, status=UNPAIRED, reason=f"token {t} dumped only on the {side} side"))
+            plan.rows.append(Row(t, 0, -1, MERGED, status=UNPAIRED, reason=f"token {t} dumped only on the {side} side"))
         for t, line in token_problems(self.run, wanted & g_tokens):
-            rows.append(Row(t, 0, -1, MERGED, status=UNPAIRED, reason=line))
+            plan.rows.append(Row(t, 0, -1, MERGED, status=UNPAIRED, reason=line))
         common = sorted(g_tokens & m_tokens & wanted)
-        everywhere = [t for t in common if all(t in r.token_dirs for r in self.run.ranks)]
         if not common:
-            return self._result(rows, [], [])
+            return plan
+        everywhere = [t for t in common if all(t in r.token_dirs for r in self.run.ranks)]
         probe = everywhere[0] if everywhere else common[0]
 
         def compatible(pair: OpPair):
@@ -157,19 +170,41 @@ class TensorParallelComparison:
         compatible.exact = compatible
         pairing = align_shared_targets(pair_ops(topology, self.golden.tree, self.table, compatible), self.table,
                                        compatible, order)
-        unpaired = [self._explained(u) for u in pairing.unpaired]
-        for u in unpaired:
+        plan.unpaired = [self._explained(u) for u in pairing.unpaired]
+        for u in plan.unpaired:
             op = u.op
-            rows.append(Row(None, 0, order.get(id(op), -1) if u.side == "atb" else -1, MERGED,
-                            atb_op=u.name if u.side == "atb" else "",
-                            atb_op_name=getattr(op, "op_name", "") if u.side == "atb" else "",
-                            my_op_type=u.op_type if u.side == "atb" else "",
-                            torch_module=u.name if u.side == "torch" else "",
-                            golden_op_type=u.op_type if u.side == "torch" else "", status=UNPAIRED, reason=u.reason))
+            plan.rows.append(Row(None, 0, order.get(id(op), -1) if u.side == "atb" else -1, MERGED,
+                                 atb_op=u.name if u.side == "atb" else "",
+                                 atb_op_name=getattr(op, "op_name", "") if u.side == "atb" else "",
+                                 my_op_type=u.op_type if u.side == "atb" else "",
+                                 torch_module=u.name if u.side == "torch" else "",
+                                 golden_op_type=u.op_type if u.side == "torch" else "", status=UNPAIRED,
+                                 reason=u.reason))
+        names = {r.path.name for r in self.run.ranks} | {MERGED}
+        checked = output_checked_by_a_part(pairing.pairs)
+        plan.checked.update((name, rel) for name in names for rel in checked)
+        graph = RankGraph(MERGED, topology, {})
+        producers = _producers(topology)
         for token in common:
+            groups: dict[int, list[tuple[OpPair, Task]]] = {}  # by the rank whose input files a task uses
             for pair in pairing.pairs:
-                rows.extend(self._compare_pair(pair, token, order[id(pair.atb)]))
-        return self._result(rows, unpaired, common)
+                for rank, task, group in self._pair_tasks(pair, token, order[id(pair.atb)]):
+                    groups.setdefault(rank, []).append((pair, task, group))
+            for rank in sorted(groups):  # a rank's tasks together: their inputs link within that rank's dir
+                start = len(plan.tasks)
+                for pair, task, group in groups[rank]:
+                    task = replace(task, index=len(plan.tasks))
+                    graph.pair_of_task[task.index] = pair
+                    plan.tasks.append(task)
+                    if group is not None and self.only is None:
+                        plan.replicated_groups.setdefault(group, []).append(task.index)
+                token_dir = self.run.ranks[rank].token_dirs.get(token)
+                if token_dir is not None:
+                    listings = self.listings[rank] if self.golden_ranks else self.listings[0]
+                    _link_inputs(plan.tasks, start, producers, token_dir, listings)
+        plan.graphs.append(graph)
+        plan.tokens = common
+        return plan
 
     def _explained(self, u: Unpaired) -> Unpaired:
         """The pairing's reason, with what the rank evidence said about that op's candidates."""
@@ -181,219 +216,154 @@ class TensorParallelComparison:
             u.reason = f"{u.reason}; tensor parallel: {'; '.join(sorted(reasons))}"
         return u
 
-    # -- compare and judge
     def _row(self, pair: OpPair, token: int, order: int, rank: str, golden_path, my_path: str) -> Row:
         return Row(token, 0, order, rank, atb_op=pair.atb.rel_dir, atb_op_name=pair.atb.op_name,
                    my_op_type=pair.atb.op_type, torch_module=pair.module.name, golden_op_type=pair.module.type,
                    golden_path=str(golden_path or ""), my_path=my_path, rule=pair.rule, note=pair.note)
 
-    def _compare_pair(self, pair: OpPair, token: int, order: int) -> list[Row]:
+    def _inputs(self, pair: OpPair, token: int, rank: int) -> dict:
+        golden = self.golden_ranks[rank] if self.golden_ranks else self.golden
+        listings = self.listings[rank] if self.golden_ranks else self.listings[0]
+        token_dir = self.run.ranks[rank].token_dirs.get(token)
+        mine = listings.atb(token_dir, pair.atb).inputs if token_dir is not None else []
+        golden_inputs = listings.torch(token, pair.module.name).inputs if token in golden.token_dirs else []
+        return dict(golden_inputs=tuple(golden_inputs), my_inputs=tuple(mine), input_names=tuple(pair.atb.in_tensors))
+
+    def _pair_tasks(self, pair: OpPair, token: int, order: int) -> list[tuple[int, Task, tuple | None]]:
+        """(rank whose inputs it uses, task, replicated group key or None) for one pair and token."""
         g_path = self._golden_file(token, pair.module.name, pair.torch_stem)
         mine = self._rank_files(token, pair.files_op, pair.atb_stem)
         dist = self.distribution(pair, token) or self.distribution(pair, min(self.golden.tokens))
         names = [r.path.name for r in self.run.ranks]
-        indices = self.only if self.only is not None else range(len(mine))
+        indices = self.only if self.only is not None else list(range(len(mine)))
+        first = indices[0] if indices else 0
         missing = [i for i in indices if mine[i] is None]
         if self.tolerance.is_skipped(pair.atb.op_type, pair.atb.op_name, pair.atb.rel_dir, pair.module.name,
                                      pair.module.type):
             row = self._row(pair, token, order, MERGED, g_path, "")
-            row.status, row.reason = "skipped", "skipped by the tolerance's skip= list"
-            return [row]
+            reason = "skipped by the tolerance's skip= list"
+            return [(first, Task(0, row, g_path, None, skip=reason, skipped_by_tolerance=True), None)]
         if (g_path is None and not self.golden_ranks) or missing or dist is None:
-            row = self._row(pair, token, order, MERGED if not missing else names[missing[0]], g_path,
+            row = self._row(pair, token, order, names[missing[0]] if missing else MERGED, g_path,
                             ";".join(str(m or "") for m in mine))
-            if g_path is None:
-                row.reason = "no output tensor dumped for this torch module"
+            if missing:
+                reason = "; ".join(f"rank {i} ({self.run.ranks[i].path / str(token)}): no output tensor for this op "
+                                   f"(a rank cut short?)" for i in missing)
+            elif g_path is None:
+                reason = "no output tensor dumped for this torch module"
             else:
-                row.reason = "; ".join(f"rank {i} ({self.run.ranks[i].path / str(token)}): no output tensor for "
-                                       f"this op (a rank cut short?)" for i in missing) or "distribution unknown"
-            row.passed = False
-            return [row]
-        if self.golden_ranks:
-            return self._rank_to_rank_rows(pair, token, order, mine, indices, dist)
-        if dist.kind == SPLIT:
-            return self._split_rows(pair, token, order, g_path, mine, dist)
-        return self._replicated_rows(pair, token, order, g_path, mine, indices)
-
-    def _split_rows(self, pair, token, order, g_path, mine, dist) -> list[Row]:
-        rank_name = MERGED if self.only is None else self.run.ranks[self.only[0]].path.name
-        files = mine if self.only is None else [mine[i] for i in self.only]
-        row = self._row(pair, token, order, rank_name, g_path, ";".join(str(m) for m in files))
-        try:
-            golden = self.golden_reader.load(g_path)
-            dim = dist.dim
-            shards = _aligned_shards([self.reader.load(m) for m in mine], golden, dim)
+                reason = "how this op is distributed over the ranks is unknown"
+            return [(first, Task(0, row, g_path, None, skip=reason), None)]
+        if dist.kind == SPLIT and not self.golden_ranks:
             if self.only is None:
-                row.metrics, shares = compare_merged(golden, shards, dim)
-            else:  # one rank's shard against its slice of the golden
-                r = self.only[0]
-                start = sum(int(s.shape[dim]) for s in shards[:r])
-                row.metrics = compare_tensors(_slice(golden, dim, start, int(shards[r].shape[dim])), shards[r])
-                shares = []
-        except (AitLlmError, OSError) as exc:
-            row.reason, row.passed = f"cannot read: {exc}", False
-            return [row]
-        finally:
-            golden = shards = None  # noqa: F841 - drop the memory maps
-        if row.metrics.fail_reason:
-            row.reason = row.metrics.fail_reason
-        self._judge(row)
-        if shares:
-            row.note = _join(row.note, f"split along dim {dist.dim} over {len(shares)} ranks; error shares: "
-                                       f"{share_text(shares)}")
-            shard_breaches = []
-            for r, share in enumerate(shares):
-                values = {"cosine_similarity": share.cosine_similarity,
-                          "relative_euclidean_distance": share.relative_euclidean_distance}
-                bounds = {k: v for k, v in row.bounds.items() if k in values}
-                for b in judge(values, bounds, mode="absolute"):
-                    shard_breaches.append(Breach(b.metric, b.value, b.limit, b.kind, where=f"in rank {r}'s shard"))
-            worst = worst_shard(shares)
-            if shard_breaches or row.breaches:
-                row.breaches = list(row.breaches) + [b for b in shard_breaches
-                                                     if str(b) not in {str(x) for x in row.breaches}]
-                row.passed = False
-                if worst is not None:
-                    row.reason = _join(row.reason, f"rank {worst}'s shard ({self.run.ranks[worst].path.name}) "
-                                                   f"carries {shares[worst].error_share:.0%} of the error")
-        return [row]
-
-    def _rank_to_rank_rows(self, pair, token, order, mine, indices, dist) -> list[Row]:
-        """Rank r's file against golden rank r's, for every rank; replicated ops also checked across ranks."""
-        goldens = [self._golden_file(token, pair.module.name, pair.torch_stem, rank=r) if r < len(self.golden_ranks)
-                   else None for r in range(len(mine))]
-        rows = self._replicated_rows(pair, token, order, goldens, mine, indices,
-                                     consistency=dist.kind == REPLICATED)
-        for row in rows:
-            if row.rank != CONSISTENCY:
-                row.note = _join(row.note, f"rank to rank ({dist.kind}), golden {Path(row.golden_path).parents[2].name}"
-                                 if row.golden_path else f"rank to rank ({dist.kind})")
-        return rows
-
-    def _replicated_rows(self, pair, token, order, g_path, mine, indices, consistency: bool = True) -> list[Row]:
-        """One row per rank against the golden (``g_path``: one file, or one per rank), then the consistency row."""
-        rows, seen = [], []
+                row = self._row(pair, token, order, MERGED, g_path, ";".join(map(str, mine)))
+                row.note = f"split along dim {dist.dim} over {len(mine)} ranks"
+                task = Task(0, row, g_path, mine[0], shards=tuple(mine), split=(dist.dim, 0),
+                            **self._inputs(pair, token, 0))
+                return [(0, task, None)]
+            out = []
+            for i in indices:
+                row = self._row(pair, token, order, names[i], g_path, str(mine[i]))
+                row.note = f"rank {i}'s shard: its slice of dim {dist.dim}"
+                task = Task(0, row, g_path, mine[i], shards=(mine[i],), split=(dist.dim, sum(dist.sizes[:i])),
+                            **self._inputs(pair, token, i))
+                out.append((i, task, None))
+            return out
+        out = []
         for i in indices:
-            golden_path = g_path[i] if isinstance(g_path, list) else g_path
-            row = self._row(pair, token, order, self.run.ranks[i].path.name, golden_path, str(mine[i]))
-            if golden_path is None:
-                row.reason, row.passed = f"golden rank {i}: no output tensor for this module", False
-                rows.append(row)
-                continue
-            try:
-                row.metrics = compare_tensors(self.golden_reader.load(golden_path), self.reader.load(mine[i]),
-                                              custom_metrics=self.custom_metrics)
-            except (AitLlmError, OSError) as exc:
-                row.reason, row.passed = f"cannot read: {exc}", False
-                rows.append(row)
-                continue
-            if row.metrics.fail_reason:
-                row.reason = row.metrics.fail_reason
-            self._judge(row)
-            rows.append(row)
-            seen.append((i, row.metrics))
-        if consistency and self.only is None and len(seen) > 1:
-            finding = self._consistency(pair, token, order, mine, seen)
-            if finding is not None:
-                rows.append(finding)
-        return rows
+            golden_path = self._golden_file(token, pair.module.name, pair.torch_stem, rank=i) \
+                if self.golden_ranks else g_path
+            row = self._row(pair, token, order, names[i], golden_path, str(mine[i]))
+            if self.golden_ranks:
+                row.note = f"rank to rank ({dist.kind})"
+            skip = "" if golden_path is not None else f"golden rank {i}: no output tensor for this module"
+            task = Task(0, row, golden_path, mine[i], skip=skip, **self._inputs(pair, token, i))
+            group = (token, id(pair.files_op), id(pair.module), pair.atb_stem) if dist.kind == REPLICATED else None
+            out.append((i, task, group))
+        return out
 
-    def _consistency(self, pair, token, order, mine, seen) -> Row | None:
-        """A row naming the ranks whose copy of a replicated tensor differs from the first rank's; None when all
-        agree. Copies with equal sums against the golden are equal, so only differing ones are read again."""
-        base_i, base = seen[0]
 
-        def fingerprint(m):
-            return (tuple(m.values.values()), m.my.max, m.my.min, m.my.mean, m.my.nan_count)
-        suspects = [i for i, m in seen[1:] if fingerprint(m) != fingerprint(base)]
-        if not suspects:
-            return None
-        disagree, worst = [], None
-        for i in suspects:
-            try:
-                pm = compare_tensors(self.reader.load(mine[base_i]), self.reader.load(mine[i]))
-            except (AitLlmError, OSError):
-                continue
-            red = pm.values["relative_euclidean_distance"]
-            limit = CONSISTENCY_LIMIT.get(pm.my.dtype if pm.my else "", 0.0)
-            if pm.fail_reason or not red <= limit:
-                disagree.append((i, red))
-                if worst is None or not red <= worst[1].values["relative_euclidean_distance"]:
-                    worst = (i, pm)
-        if not disagree:
-            return None
-        names = self.run.ranks
-        i, pm = worst
-        row = self._row(pair, token, order, CONSISTENCY, mine[base_i], str(mine[i]))
-        row.metrics = pm
+def _judge_shards(row: Row, shares: list, run: RankedRun, options: CompareOptions) -> None:
+    """Each shard's own cosine and distance against the row's bounds (on the error it adds, as the row), and the
+    rank that carries the most of the error named in the row's reason."""
+    row.note = f"{row.note}; error shares: {share_text(shares)}" if row.note else f"error shares: {share_text(shares)}"
+    added = []
+    for r, share in enumerate(shares):
+        values = {"cosine_similarity": share.cosine_similarity,
+                  "relative_euclidean_distance": share.relative_euclidean_distance}
+        bounds = {k: v for k, v in row.bounds.items() if k in values}
+        for b in judge(values, bounds, input_metrics=row.input_metrics, mode=options.tolerance.mode):
+            added.append(Breach(b.metric, b.value, b.limit, b.kind, b.added, where=f"in rank {r}'s shard"))
+    if not added and not row.breaches:
+        return
+    row.breaches = list(row.breaches) + added
+    row.passed = False
+    worst = worst_shard(shares)
+    if worst is not None:
+        text = (f"rank {worst}'s shard ({run.ranks[worst].path.name}) carries {shares[worst].error_share:.0%} of "
+                f"the error")
+        row.reason = f"{row.reason}; {text}" if row.reason else text
+
+
+def _consistency(rows: list[Row], tasks: list[Task], run: RankedRun, options: CompareOptions) -> Row | None:
+    """A row naming the ranks whose copy of a replicated tensor differs from the first rank's; None when all agree.
+    Copies with equal sums against the golden are equal, so only those that differ are read again."""
+    seen = [(row, task) for row, task in zip(rows, tasks) if row.metrics is not None and row.metrics.compared]
+    if len(seen) < 2:
+        return None
+
+    def fingerprint(m):
+        return (tuple(m.values.values()), m.my.max, m.my.min, m.my.mean, m.my.nan_count)
+    base_row, base_task = seen[0]
+    names = [r.path.name for r in run.ranks]
+    rank_of = {name: i for i, name in enumerate(names)}
+    disagree, worst = [], None
+    for row, task in seen[1:]:
+        if fingerprint(row.metrics) == fingerprint(base_row.metrics):
+            continue
+        try:
+            pm = compare_tensors(options.my.load(base_task.my), options.my.load(task.my))
+        except Exception:  # noqa: BLE001 - an unreadable copy is already its own row's reason
+            continue
+        red = pm.values["relative_euclidean_distance"]
         limit = CONSISTENCY_LIMIT.get(pm.my.dtype if pm.my else "", 0.0)
-        row.bounds = {"relative_euclidean_distance": limit}
-        row.breaches = [Breach("relative_euclidean_distance", red, limit, "max",
-                               where=f"rank {r} ({names[r].path.name}) vs rank {base_i} ({names[base_i].path.name})")
-                        for r, red in disagree]
-        row.passed = False
-        row.reason = (f"replicated tensor differs between ranks: " +
-                      ", ".join(f"rank {r} vs rank {base_i} (relative distance {red:.3g})" for r, red in disagree))
-        return row
-
-    def _judge(self, row: Row) -> None:
-        dtype = _coarser(row.metrics.golden, row.metrics.my)
-        row.bounds = self.tolerance.bounds_for(row.my_op_type, row.atb_op_name, dtype, row.atb_op,
-                                               row.torch_module, row.golden_op_type)
-        row.effective = dict(row.metrics.values)
-        if row.metrics.fail_reason:
-            row.passed = False
-            return
-        row.breaches = judge(row.metrics.values, row.bounds, mode="absolute")
-        row.passed = not row.breaches
-
-    def _result(self, rows: list[Row], unpaired: list, tokens: list[int]) -> CompareResult:
-        rows.sort(key=lambda r: (r.token_id if r.token_id is not None else -1, r.order, r.data_id,
-                                 {CONSISTENCY: 1}.get(r.rank, 0), r.rank))
-        first = True
-        for row in rows:
-            if row.breached:
-                row.first_divergence, row.propagated = first, not first
-                first = False
-        return CompareResult(rows, unpaired, self.tolerance, tokens=tokens, golden_root=str(self.golden.root),
-                             my_root=str(self.run.dump.root))
+        if pm.fail_reason or not red <= limit:
+            disagree.append((rank_of.get(row.rank, -1), red, row.rank))
+            if worst is None or not red <= worst[1].values["relative_euclidean_distance"]:
+                worst = (task, pm)
+    if not disagree:
+        return None
+    task, pm = worst
+    base = rank_of.get(base_row.rank, 0)
+    row = replace(base_row, rank=CONSISTENCY, golden_path=str(base_task.my), my_path=str(task.my), metrics=pm,
+                  input_metrics=None, effective={}, breaches=[], note="")
+    limit = CONSISTENCY_LIMIT.get(pm.my.dtype if pm.my else "", 0.0)
+    row.bounds = {"relative_euclidean_distance": limit}
+    row.breaches = [Breach("relative_euclidean_distance", red, limit, "max",
+                           where=f"rank {r} ({name}) vs rank {base} ({base_row.rank})") for r, red, name in disagree]
+    row.passed = False
+    row.reason = ("replicated tensor differs between ranks: " +
+                  ", ".join(f"rank {r} vs rank {base} (relative distance {red:.3g})" for r, red, _ in disagree))
+    return row
 
 
 def _problem_rank(line: str) -> str:
     return Path(line.split(":", 1)[0].removeprefix("rank dir ")).name if line.startswith("rank dir ") else MERGED
 
 
-def _join(a: str, b: str) -> str:
-    return f"{a}; {b}" if a else b
-
-
-def _coarser(*stats) -> str:
-    order = ("bfloat16", "float16", "float32", "float64")
-    names = [s.dtype for s in stats if s is not None]
-    known = [n for n in names if n in order]
-    return min(known, key=order.index) if known else (names[0] if names else "float32")
-
-
-def _aligned_shards(shards: list[RawTensor], golden: RawTensor, dim: int) -> list[RawTensor]:
-    """The shards with golden's leading size-1 dims ([s, h] shards of a [1, s, h] golden)."""
-    lead = len(golden.shape) - len(shards[0].shape)
-    if lead <= 0:
-        return shards
-    return [RawTensor(s.data, s.dtype, (1,) * lead + tuple(s.shape), s.path, s.offset) for s in shards]
-
-
-def _slice(golden: RawTensor, dim: int, start: int, width: int) -> RawTensor:
-    """A copy of golden's ``[start, start + width)`` along ``dim`` (one rank's part: no larger than its shard)."""
-    shape = tuple(int(d) for d in golden.shape)
-    outer, inner = math.prod(shape[:dim]), math.prod(shape[dim + 1:])
-    part = golden.data.reshape(-1)[: golden.numel].reshape(outer, shape[dim], inner)[:, start:start + width, :]
-    return RawTensor(np.ascontiguousarray(part), golden.dtype, shape[:dim] + (width,) + shape[dim + 1:])
-
-
 def compare_run(golden: TorchDump, run: RankedRun, options: CompareOptions | None = None,
                 golden_ranks: Sequence[TorchDump] = ()) -> CompareResult:
-    """Compare the TP ``run`` with the single-device ``golden`` (or, with ``golden_ranks``, rank to rank)."""
-    return TensorParallelComparison(golden, run, options or CompareOptions(), golden_ranks).run_comparison()
+    """Compare the TP ``run`` with the single-device ``golden`` (or, with ``golden_ranks``, rank to rank): plan
+    here, compare with the usual workers, judge with the usual judge (which calls the plan's judge_ranks)."""
+    from .engine import input_error
+    from .judge import build_result
+    from .parallel import run_tasks
+
+    options = options or CompareOptions()
+    plan = TensorParallelPlanner(golden, run, options, golden_ranks).plan()
+    results = run_tasks(plan.tasks, options)
+    return build_result(plan, results, options, input_error, golden_root=str(golden.root),
+                        my_root=str(run.dump.root))
 
 
 def compare_tensor_parallel(golden, my, options: CompareOptions) -> CompareResult | None:
