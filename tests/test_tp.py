@@ -5,6 +5,7 @@ models, written as 2 or 4 rank dirs; the golden is the single-device model dumpe
 """
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import pytest
 from pytest_ait_llm.api import run_compare
 from pytest_ait_llm.compare.engine import compare_dumps
 from tp_mirror import golden_dump, write_tp_mirror
+
+pytest_plugins = ["pytester"]
 
 LAYERS = 3
 
@@ -202,3 +205,27 @@ def test_tp_golden_is_compared_rank_to_rank(goldens, tmp_path):
                              faults={"root.model.layers.2.mlp.down_proj@0": 1.05})
     first = compare_dumps(tmp_path / "golden_tp", bad).first_divergence
     assert (first.torch_module, first.rank) == ("root.model.layers.2.mlp.down_proj", "0_5000")
+
+
+PLUGIN_TEST = '''
+def test_port(torch_dump, atb_dump, compare_ops):
+    result = compare_ops(torch_dump, atb_dump)
+    assert any(row.rank == "merged" for row in result.compared)
+
+
+def test_piece(torch_dump, atb_dump, compare_ops, ait_rank):
+    result = compare_ops(torch_dump, atb_dump, ranks=[ait_rank])
+    assert {row.rank for row in result.compared} == {ait_rank}
+'''
+
+
+def test_plugin_compares_ranks_merged_by_default_and_per_rank_with_ait_rank(pytester, goldens, tmp_path):
+    my, _ = _mirror(goldens, tmp_path, "qwen2", 2, faults={"root.model.layers.2.mlp.up_proj@1": 1.05})
+    pytester.makepyfile(test_port=PLUGIN_TEST)
+    result = pytester.runpytest("-v", f"--ait-golden-path={goldens['qwen2'].root}", f"--ait-my-path={my}",
+                                "--ait-output=out")
+    result.assert_outcomes(passed=1, failed=2)  # merged and rank 1 fail, rank 0 passes
+    out = result.stdout.str()
+    assert re.search(r"test_piece\[rank0_5000\] PASSED", out)
+    assert re.search(r"test_piece\[rank1_5001\] FAILED", out)
+    assert "rank 1's shard (1_5001) carries" in out
