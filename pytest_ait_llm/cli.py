@@ -1,8 +1,10 @@
 """`ait-llm` — the same engine as the pytest plugin, from a shell.
 
-    ait-llm compare -gp GOLDEN -mp MY [--op-mapping-file DIR] [-o OUTDIR] [--fail-on-breach]
-    ait-llm dump --exec "bash run.sh ..." [-o OUTDIR] [-er 0,1] [-time 3] [-stp 2]
+    ait-llm compare -gp GOLDEN -mp MY [--op-mapping-file DIR] [-o OUTDIR] [--tokens 0-1] [--fail-on-breach]
+    ait-llm dump --exec "bash run.sh ..." [-o OUTDIR] [-er 0-1] [-time 3] [-stp 2]
+    ait-llm --version
 
+Tokens are chosen in one syntax everywhere (``0``, ``0,3``, ``0-3``, ``0-1,5``, ``all``; see token_range.py).
 Exit codes: 0 compared (or dumped), 1 a pair breached with --fail-on-breach, 2 bad input (one-line error).
 """
 from __future__ import annotations
@@ -28,19 +30,21 @@ def _bound(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"{key}: {value!r} is not a number") from None
 
 
-def _tokens(text: str) -> list[int]:
+def _tokens(text: str) -> tuple[int, ...] | None:
+    from .errors import AitLlmError
+    from .token_range import SYNTAX, parse_tokens
+
     try:
-        out: list[int] = []
-        for part in text.split(","):
-            lo, _, hi = part.partition("-")
-            out.extend(range(int(lo), int(hi or lo) + 1))
-        return out
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected token ids like 0,1 or 0-3, got {text!r}") from None
+        return parse_tokens(text)
+    except AitLlmError:
+        raise argparse.ArgumentTypeError(f"expected {SYNTAX}, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = _Parser(prog="ait-llm", description="Compare an ATB port's dumps with its PyTorch model's dumps.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     cmp = sub.add_parser("compare", help="compare a torch (golden) dump with an ATB (my) dump, write the CSV")
@@ -53,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a bound, e.g. cos=0.999 or red=0.02 (repeatable); defaults are dtype-aware")
     cmp.add_argument("--mode", choices=("added", "absolute"), default="added",
                      help="judge each op on the error it adds (default) or on its absolute error")
-    cmp.add_argument("--tokens", type=_tokens, help="token ids to compare, e.g. 0,1 or 0-3 (default: all)")
+    cmp.add_argument("--tokens", type=_tokens, metavar="TOKENS",
+                     help="tokens to compare: ids and inclusive ranges, e.g. 0,3 (two tokens), 0-3, 0-1,5 "
+                          "(default: all); a token missing from a dump is an error")
     cmp.add_argument("-j", "--workers", type=int, help="parallel comparisons (default: CPU count)")
     cmp.add_argument("-alg", "--custom-metric", action="append", default=[], metavar="FILE.py:FUNC",
                      help="an extra metric func(golden, my) -> number; becomes a CSV column (repeatable)")
@@ -63,8 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     dump = sub.add_parser("dump", help="run an ATB inference command with the ATB dump environment set")
     dump.add_argument("--exec", dest="exec_cmd", required=True, help='the command, e.g. "bash run.sh model.py"')
-    dump.add_argument("-o", "--output", default=".", help="directory under which a new dump directory is made")
-    dump.add_argument("-er", "--execute-range", default="0,0", help="token rounds, inclusive pairs (default 0,0)")
+    dump.add_argument("-o", "--output", default=".",
+                      help="ATB_OUTPUT_DIR: the dump goes to OUTPUT/ait_dump or OUTPUT/msit_dump_* (OUTPUT is created; "
+                           "refused if it already holds a dump)")
+    dump.add_argument("-er", "--execute-range", type=_tokens, default=(0,), metavar="TOKENS",
+                      help="tokens to dump, in the --tokens syntax: 0, 0-3, 0-1,5 or all (default 0: the prefill)")
     dump.add_argument("-time", "--save-time", type=int, choices=(0, 1, 2, 3), default=3,
                       help="0 before, 1 after, 2 both, 3 inputs before/outputs after (default)")
     dump.add_argument("-stp", "--save-tensor-part", type=int, choices=(0, 1, 2), default=2,
@@ -87,14 +96,34 @@ def _progress():
     return show
 
 
+def _check_tokens(wanted, golden, my) -> None:
+    """A requested token that a dump lacks is an error, not a comparison of nothing."""
+    from .errors import AitLlmError
+    from .token_range import format_tokens
+
+    for side, dump, flag in (("golden", golden, "-gp"), ("my", my, "-mp")):
+        missing = sorted(set(wanted) - set(dump.tokens))
+        if missing:
+            raise AitLlmError(f"--tokens {format_tokens(wanted)}: token(s) {format_tokens(missing)} not in the "
+                              f"{side} dump {flag} {dump.root} (it holds {format_tokens(dump.tokens) or 'none'})")
+
+
 def _compare(args) -> int:
     from .api import run_compare
     from .compare.metrics import load_custom_metric
     from .compare.tolerance import Tolerance
+    from .formats.atb_layout import open_atb_dump
+    from .formats.torch_layout import open_torch_dump
+    from .comparison_pass import describe as comparison_pass
 
     tolerance = Tolerance.from_marker(mode=args.mode, **dict(args.tolerance))
     metrics = [load_custom_metric(spec) for spec in args.custom_metric]
-    result = run_compare(args.golden_path, args.my_path, mapping_dir=args.op_mapping_file, tolerance=tolerance,
+    golden = open_torch_dump(args.golden_path, allow_symlinks=args.allow_symlinks)
+    my = open_atb_dump(args.my_path, allow_symlinks=args.allow_symlinks)
+    if args.tokens is not None:
+        _check_tokens(args.tokens, golden, my)
+    print(f"comparison pass: {comparison_pass()}", file=sys.stderr)
+    result = run_compare(golden, my, mapping_dir=args.op_mapping_file, tolerance=tolerance,
                          output_dir=args.output, tokens=args.tokens, workers=args.workers, custom_metrics=metrics,
                          max_bin_bytes=args.max_bin_bytes, progress=_progress(),
                          allow_symlinks=args.allow_symlinks)
@@ -108,9 +137,10 @@ def _compare(args) -> int:
 def _dump(args) -> int:
     from .dump.atb_exec import atb_dump_env, run_atb_command
 
-    env = atb_dump_env(args.output, token_range=args.execute_range, save_time=args.save_time,
+    env = atb_dump_env(args.output, tokens=args.execute_range, save_time=args.save_time,
                        save_part=args.save_tensor_part)
-    dump = run_atb_command(args.exec_cmd, output_dir=args.output, env=env, timeout=args.timeout)
+    dump = run_atb_command(args.exec_cmd, output_dir=args.output, env=env, timeout=args.timeout, fresh=False,
+                           label="--exec")
     print(dump.root)
     return EXIT_OK
 

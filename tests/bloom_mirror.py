@@ -13,7 +13,7 @@ produced them. Values are the golden (torch) tensors rounded to bf16, except whe
 module outputs: the bias-less Linear inside a ParallelLinearBaseV2 holds the golden Linear output minus its bias
 (taken from the model's state_dict), and the q/k/v are the Split of the fused qkv output. The MlpGateLayerV2
 outputs ``dense_4h_to_h``'s output, *before* the residual add, as ATB computes it, whereas HF ``BloomMLP`` returns
-it plus the residual: that pair genuinely disagrees.
+it plus the residual (so does ``BloomAttention``): those modules' values are the residual adds' outputs.
 
 ``faults`` scales one module's golden output wherever the mirror uses it (its bias-less Linear then holds
 ``factor * output - bias``), without propagating it downstream: a unit fault the verdict must pin to that op.
@@ -168,6 +168,7 @@ def build(config) -> tuple[dict, dict[str, tuple], dict[str, str]]:
             f"{d}/0_LayerNormOperation": f"{layer}.input_layernorm",
             f"{d}/1_LinearOperation": f"{layer}.self_attention.query_key_value",
             f"{d}/4_ParallelLinearBaseV2/0_LinearOperation": f"{layer}.self_attention.dense",
+            f"{d}/5_ElewiseOperation": f"{layer}.self_attention",  # HF BloomAttention adds the residual
             f"{d}/6_LayerNormOperation": f"{layer}.post_attention_layernorm",
             f"{d}/7_MlpGateLayerV2": f"{layer}.mlp",
             f"{d}/7_MlpGateLayerV2/0_ParallelLinearBaseV2/0_LinearOperation": f"{layer}.mlp.dense_h_to_4h",

@@ -215,3 +215,27 @@ def test_background_children_left_by_a_finished_command_are_stopped(tmp_path):
     pid_file = tmp_path / "child.pid"
     run_atb_command([PY, script, pid_file, "exit"], output_dir=tmp_path / "run", timeout=60)
     assert wait_gone(int(pid_file.read_text()))
+
+
+def test_while_it_runs_the_caller_is_told_the_elapsed_time_and_the_last_output_line(tmp_path):
+    """What the plugin shows in pytest's terminal during an hours-long NPU run. The command waits until the
+    caller has been told its first line (it then creates ``go``), so no timing is assumed."""
+    go = tmp_path / "go"
+    script = write_script(tmp_path, "slow.py", f"""import os, time
+print('loading weights', flush=True)
+for _ in range(6000):  # at most 60 s: a hang guard, not a timing assumption
+    if os.path.exists({str(go)!r}):
+        break
+    time.sleep(0.01)
+""" + DUMPING_SCRIPT)
+    seen = []
+
+    def on_wait(elapsed, line):
+        seen.append((elapsed, line))
+        if line == "loading weights":
+            go.touch()
+
+    run_atb_command([PY, script], output_dir=tmp_path / "run", timeout=120, wait_interval=0.05, on_wait=on_wait)
+    assert go.exists()                                        # told the first line while it ran
+    assert seen[-1][1].startswith("dumped ")                 # and the last one when it ended
+    assert [t for t, _ in seen] == sorted(t for t, _ in seen)

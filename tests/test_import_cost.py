@@ -31,4 +31,8 @@ def test_plugin_imports_nothing_heavy():
     heavy = sorted(m for m in modules if m.split(".")[0] in HEAVY)
     assert not heavy, f"importing the plugin pulls in {heavy[:10]}"
     ours = sorted(m for m in modules if m.startswith("pytest_ait_llm."))
-    assert ours == ["pytest_ait_llm.plugin"], f"the plugin imports engine modules at import time: {ours}"
+    # its option parsing and terminal output (stdlib only) serve every run anyway; no engine module is
+    options = ["pytest_ait_llm.errors", "pytest_ait_llm.plugin", "pytest_ait_llm.settings", "pytest_ait_llm.terminal",
+               "pytest_ait_llm.token_range"]
+    assert ours == options, f"the plugin imports engine modules at import time: {ours}"
+

@@ -1,7 +1,9 @@
 """Op mapping rules and pairing, on the real Bloom-7B topology and its torch module tree."""
 from __future__ import annotations
 
+import importlib.util
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,8 @@ from pytest_ait_llm.errors import MappingError
 from pytest_ait_llm.formats.atb_topology import load_topology, parse_topology
 from pytest_ait_llm.formats.torch_layout import load_model_tree, parse_model_tree
 from pytest_ait_llm.mapping.pairing import align, atb_layers, bias_adds, pair_ops, torch_layers
-from pytest_ait_llm.mapping.rules import MappingTable, load_mapping_file, mapping_table, parse_atb_side, parse_torch_side
+from pytest_ait_llm.mapping.rules import (MappingTable, family_prefixes, load_mapping_file, mapping_table, parse_atb_side,
+                                          parse_torch_side)
 
 SAMPLE = Path(__file__).parent / "data" / "ait-sample"
 
@@ -21,7 +24,7 @@ def bloom():
 
 
 def pairs_by_name(pairing):
-    return {p.atb.op_name: p.module.name for p in pairing.pairs}
+    return {(p.atb.op_name, p.module.name) for p in pairing.pairs}
 
 
 # ------------------------------------------------------------------------------------------------------------ rules
@@ -87,17 +90,24 @@ def test_bloom_layer_pairs_every_module_backed_op(bloom):
     topo, tree = bloom
     pairing = pair_ops(topo, tree, mapping_table())
     assert pairs_by_name(pairing) == {
-        "Bloom7bCommonLayer_3": "root.transformer.h.2",
-        "LayerNormOperation_3_0": "root.transformer.h.2.input_layernorm",
-        "LinearOperation_3_1": "root.transformer.h.2.self_attention.query_key_value",
-        "LinearOperation_3_4_0": "root.transformer.h.2.self_attention.dense",
-        "LayerNormOperation_3_6": "root.transformer.h.2.post_attention_layernorm",
-        "MlpGateLayerV2_3_7": "root.transformer.h.2.mlp",
-        "LinearOperation_3_7_0_0": "root.transformer.h.2.mlp.dense_h_to_4h",
-        "LinearOperation_3_7_2_0": "root.transformer.h.2.mlp.dense_4h_to_h",
+        ("Bloom7bCommonLayer_3", "root.transformer.h.2"),
+        ("LayerNormOperation_3_0", "root.transformer.h.2.input_layernorm"),
+        ("LinearOperation_3_1", "root.transformer.h.2.self_attention.query_key_value"),
+        ("LinearOperation_3_4_0", "root.transformer.h.2.self_attention.dense"),
+        # HF BloomAttention and BloomMLP return their output plus the residual: the residual adds' outputs
+        ("ElewiseOperation_3_5", "root.transformer.h.2.self_attention"),
+        ("LayerNormOperation_3_6", "root.transformer.h.2.post_attention_layernorm"),
+        ("LinearOperation_3_7_0_0", "root.transformer.h.2.mlp.dense_h_to_4h"),
+        ("LinearOperation_3_7_2_0", "root.transformer.h.2.mlp.dense_4h_to_h"),
+        ("MlpGateLayerV2_3_7", "root.transformer.h.2.mlp"),
     }
     dense = next(p for p in pairing.pairs if p.atb.op_name == "LinearOperation_3_4_0")
     assert dense.files_op.op_name == "ElewiseOperation_3_4_1" and "bias add" in dense.note
+    # ... their values: the MLP graph's own pair reads the residual add after it
+    mlp = next(p for p in pairing.pairs if p.module.name == "root.transformer.h.2.mlp")
+    assert mlp.files_op.op_name == "ElewiseOperation_3_8" and "plus the residual" in mlp.note
+    attention = next(p for p in pairing.pairs if p.module.name == "root.transformer.h.2.self_attention")
+    assert attention.files_op.op_name == "ElewiseOperation_3_5" and "ElewiseOperation_3_4_1" in attention.note
 
 
 def test_every_op_and_module_is_accounted_for_with_a_reason(bloom):
@@ -109,7 +119,7 @@ def test_every_op_and_module_is_accounted_for_with_a_reason(bloom):
         assert (id(op) in paired_atb) != (op.rel_dir in unpaired_atb), op.rel_dir
     assert all(reason for reason in unpaired_atb.values())
     assert "CoreAttention" in unpaired_atb["3_BloomLayer/3_SelfAttentionOperation"]
-    assert "no mapping rule" in unpaired_atb["3_BloomLayer/5_ElewiseOperation"]
+    assert "no mapping rule" in unpaired_atb["3_BloomLayer/10_ElewiseOperation"]
     assert "folded" in unpaired_atb["3_BloomLayer/4_ParallelLinearBaseV2/1_ElewiseOperation"]
     paired_torch = {id(p.module) for p in pairing.pairs}
     unpaired_torch = {u.name for u in pairing.unpaired if u.side == "torch"}
@@ -163,8 +173,8 @@ def test_count_mismatch_is_resolved_by_shapes_not_skipped():
         return shapes_atb[pair.atb.op_name] == shapes_torch[pair.module.name]
 
     pairing = pair_ops(topo, tree, mapping_table(), compatible)
-    assert {k: v for k, v in pairs_by_name(pairing).items() if k.startswith("Linear")} == {
-        "LinearOperation_1_0": "root.fc0", "LinearOperation_1_2": "root.fc1"}
+    assert {(a, t) for a, t in pairs_by_name(pairing) if a.startswith("Linear")} == {
+        ("LinearOperation_1_0", "root.fc0"), ("LinearOperation_1_2", "root.fc1")}
     lonely = next(u for u in pairing.unpaired if u.name.endswith("1_LinearOperation"))
     assert "no shape-compatible" in lonely.reason
 
@@ -196,3 +206,101 @@ def test_layer_count_mismatch_is_reported_per_op():
     assert sum(1 for p in pairing.pairs if p.atb.op_type == "LinearOperation") == 2
     extra = [u for u in pairing.unpaired if u.name.startswith("2_MyLayer")]
     assert extra and all("layer count differs" in u.reason for u in extra)
+
+
+def _brute_force_align(n, m, ok):
+    """Every optimal alignment, enumerated: (pairs common to all, ambiguous ATB, ambiguous torch)."""
+    cells = [(i, j) for i in range(n) for j in range(m) if ok(i, j)]
+    best: list[list[tuple[int, int]]] = [[]]
+
+    def extend(start, last, chosen):
+        if len(chosen) > len(best[0]):
+            best[:] = [list(chosen)]
+        elif len(chosen) == len(best[0]) and chosen:
+            best.append(list(chosen))
+        for k in range(start, len(cells)):
+            if cells[k][0] > last[0] and cells[k][1] > last[1]:
+                extend(k + 1, cells[k], chosen + [cells[k]])
+
+    extend(0, (-1, -1), [])
+    common = set(best[0]).intersection(*map(set, best))
+    ambiguous = set().union(*map(set, best)) - common
+    return sorted(common), {i for i, _ in ambiguous}, {j for _, j in ambiguous}
+
+
+def test_align_agrees_with_enumerating_every_alignment():
+    rng = random.Random(3)
+    for _ in range(1500):
+        n, m, density = rng.randint(0, 6), rng.randint(0, 6), rng.random()
+        fits = [[rng.random() < density for _ in range(m)] for _ in range(n)]
+        pairs, amb_a, amb_t = align(n, m, lambda i, j: fits[i][j])
+        assert (sorted(pairs), amb_a, amb_t) == _brute_force_align(n, m, lambda i, j: fits[i][j]), fits
+
+
+# ------------------------------------------------------------------------------- large inputs (bench_pairing.py)
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_pairing", Path(__file__).parent.parent / "bench" / "bench_pairing.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_400_linear_ops_against_401_modules_pair_by_shape_and_leave_the_router():
+    text, tree, compatible = _bench().linear_layer(400)
+    asked = []
+    pairing = pair_ops(parse_topology(json.loads(text)), tree, mapping_table(),
+                       lambda pair: asked.append(pair) or compatible(pair))
+    linear = {(p.atb.op_name, p.module.name) for p in pairing.pairs if p.rule != "layer"}
+    assert linear == {(f"LinearOperation_1_{k}", f"root.layers.0.expert{k}_proj") for k in range(400)}
+    (router,) = [u for u in pairing.unpaired if u.side == "torch" and u.name.endswith("router")]
+    assert "no shape-compatible" in router.reason
+    assert len(asked) < 20 * 401  # a band around the diagonal was asked, not the 160k candidate pairs
+
+
+def test_align_beyond_the_cell_limit_is_refused_with_the_reason(monkeypatch):
+    from pytest_ait_llm.mapping import pairing as pairing_module
+
+    monkeypatch.setattr(pairing_module, "MAX_ALIGN_CELLS", 1000)
+    text, tree, compatible = _bench().linear_layer(400)
+    pairing = pair_ops(parse_topology(json.loads(text)), tree, mapping_table(), compatible)
+    assert not [p for p in pairing.pairs if p.rule != "layer"]
+    reasons = {u.reason for u in pairing.unpaired if u.op_type in ("LinearOperation", "Linear")}
+    assert len(reasons) == 1 and "need more than 1000 comparisons" in reasons.pop()
+
+
+def test_200k_rule_mapping_file_pairs_as_the_rules_say(tmp_path):
+    bench = _bench()
+    bench.huge_mapping_file(tmp_path)
+    table = mapping_table(tmp_path)
+    assert len(table.rules) == 200_000 + len(MappingTable.builtin().rules)
+    text, tree, compatible = bench.linear_layer(400)
+    pairing = pair_ops(parse_topology(json.loads(text)), tree, table, compatible)
+    (layer,) = [p for p in pairing.pairs if p.atb.op_name == "MoeLayer_1"]
+    assert layer.module.name == "root.layers.0" and layer.rule == "MoeLayer_outtensor0 -> MoeDecoderLayer_output"
+    assert sum(p.atb.op_type == "LinearOperation" for p in pairing.pairs) == 400
+    assert [r.source for r in table.rules_for_atb("CustomFusedOp77Operation")] == [str(tmp_path / "op_mapping_file.json")]
+
+
+# ------------------------------------------------------------------------------------------- type name matching
+
+def test_rule_types_match_whole_names_or_behind_the_model_family():
+    table = MappingTable.builtin()
+    families = family_prefixes(["LlamaForCausalLM", "LlamaDecoderLayer"])
+    assert families == {"Llama"}
+    matched = lambda module_type: {str(table.rules[i].atb) for i in table.torch_rule_indices(module_type, families)}
+    assert matched("Embedding") == {"GatherOperation", "WordEmbedding"}
+    assert matched("LlamaRotaryEmbedding") == set() and matched("RotaryEmbedding") == set()
+    assert matched("LlamaMLP") == {"MlpGateLayerV2"} and matched("LlamaRMSNorm") == {"RmsNormOperation"}
+    assert matched("QwenMLP") == set()  # another family's prefix is not stripped
+    assert matched("BloomMLP") == {"MlpGateLayerV2"}  # a built-in rule names it whole
+    # ATB keys match an op whose type or name (without its indices) ends with them
+    assert [str(r.atb) for r in table.rules_for_atb("BloomLayer", "Bloom7bCommonLayer_3")] == ["CommonLayer_outtensor0"] * 2
+    assert table.rules_for_atb("LinearOperationX", "LinearOperationX_1") == []
+
+
+def test_family_prefixes_come_from_model_and_layer_type_names():
+    assert family_prefixes(["GPTNeoXForCausalLM", "GPTNeoXLayer"]) == {"GPTNeoX"}
+    assert family_prefixes(["ChatGLMForConditionalGeneration", "GLMBlock"]) == {"ChatGLM", "GLM"}
+    assert family_prefixes(["BloomLayer"]) == {"Bloom"}
+    assert family_prefixes(["Block"]) == set() and family_prefixes(["MyNet"]) == set()

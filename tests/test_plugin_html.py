@@ -92,6 +92,9 @@ def check_entry(extras: list[dict], report_dir: Path) -> _Fragment:
     fragment = _Fragment()
     fragment.feed(fragments[0]["content"])
     assert fragment.hrefs == [urls[0]["content"]]
+    # both links are labelled with the name of the file they open (the copy beside the report)
+    assert urls[0]["name"].endswith(": " + csv.name)
+    assert f">{csv.name}</a>" in fragments[0]["content"]
     assert len(fragment.imgs) == 1 and fragment.imgs[0].startswith("data:image/png;base64,")
     assert base64.b64decode(fragment.imgs[0].split(",", 1)[1]).startswith(b"\x89PNG\r\n\x1a\n")
     header = fragment.rows[0]
@@ -173,3 +176,29 @@ def test_error_plot_failure_is_a_note_not_a_crash(recorded, tmp_path, monkeypatc
     monkeypatch.setattr(plot, "plot_error_profile", broken)
     fragment = html.report_fragment(result, png_path=tmp_path / "p.png", csv_href="ait_llm/x.csv")
     assert "no error plot: RuntimeError: font cache is corrupt" in fragment and "<table" in fragment
+
+
+def test_worst_ops_table_is_dark_on_light_with_a_legend(recorded, tmp_path):
+    """pytest-html greys the text of extras; every cell sets its own dark colour, breaches a light red."""
+    from pytest_ait_llm.api import run_compare
+    from pytest_ait_llm.report.html import worst_ops_table
+
+    table = worst_ops_table(run_compare(recorded.golden, recorded.bad, output_dir=tmp_path))
+    cells = re.findall(r"<t[dh] style=\"([^\"]*)\"", table)
+    assert cells and all("color:#111" in style for style in cells)
+    backgrounds = set(re.findall(r"background:(#\w+)", table))
+    assert {"#f6b9b9", "#fde4e4"} <= backgrounds  # the first divergence, another breach
+    legend = table.split('class="ait-llm-legend"', 1)[1]
+    assert "<b>RED</b>: relative euclidean distance" in legend and "<b>(added)</b> after a limit" in legend
+    assert "<b>RED added</b>" in legend
+
+
+def test_error_plot_is_ticked_at_each_layer(recorded, tmp_path):
+    from pytest_ait_llm.api import run_compare
+    from pytest_ait_llm.report.plot import layer_ticks
+
+    result = run_compare(recorded.golden, recorded.bad, output_dir=tmp_path)
+    rows = [r for r in result.rows if r.metrics is not None]
+    xs, labels = layer_ticks(rows)
+    assert labels == ["0", "1"]  # 0_TinyLayer, 1_TinyLayer; the head (2_LinearOperation) is no layer
+    assert [rows[x].atb_op.split("/")[0] for x in xs] == ["0_TinyLayer", "1_TinyLayer"]

@@ -38,7 +38,8 @@ class DumpConfig:
     """What to dump.
 
     - ``dump_path``: the folder under which ``{PID}_{device}/`` is created.
-    - ``token_range``: token ids to dump (an int, or any iterable of ints such as ``range(0, 4)``). Token *k* is
+    - ``token_range``: token ids to dump (an int, any iterable of ints such as ``range(0, 4)``, or None for every
+      token). Token *k* is
       the *k*-th call of the root model's ``forward`` since registration; under HF ``generate`` the prefill is
       token 0 and each decode step the next one.
     - ``module_list``: which modules to dump; empty means all. Each entry is a class name (``"Linear"``, matched
@@ -55,18 +56,19 @@ class DumpConfig:
     """
 
     dump_path: str | os.PathLike = "./"
-    token_range: Iterable[int] | int = (0,)
+    token_range: Iterable[int] | int | None = (0,)
     module_list: Iterable[str | type] | str = ()
     tensor_part: int = 2
     device_id: int | None = None
     dump_last_logits: bool = False
 
     def __post_init__(self) -> None:
-        tokens = (self.token_range,) if isinstance(self.token_range, int) else tuple(self.token_range)
-        for tid in tokens:
-            if isinstance(tid, bool) or not isinstance(tid, int) or tid < 0:
-                raise ValueError(f"DumpConfig.token_range: token ids must be non-negative ints, got {tid!r}")
-        self.token_range = tokens
+        if self.token_range is not None:
+            tokens = (self.token_range,) if isinstance(self.token_range, int) else tuple(self.token_range)
+            for tid in tokens:
+                if isinstance(tid, bool) or not isinstance(tid, int) or tid < 0:
+                    raise ValueError(f"DumpConfig.token_range: token ids must be non-negative ints, got {tid!r}")
+            self.token_range = tokens
         modules = (self.module_list,) if isinstance(self.module_list, (str, type)) else tuple(self.module_list)
         for entry in modules:
             if not isinstance(entry, (str, type)) or entry == "":
@@ -129,7 +131,7 @@ class _DumpState:
         self.selected_names = selected_names
         self.dump_dir = dump_dir
         self.enabled = enabled
-        self.tokens = frozenset(config.token_range)
+        self.tokens = None if config.token_range is None else frozenset(config.token_range)  # None: every token
         self.root_calls = 0
         self.token: int | None = None  # the token being dumped right now, None when not dumping
         self.in_root = False
@@ -146,7 +148,7 @@ class _DumpState:
         tid = self.root_calls
         self.root_calls += 1
         self.in_root = True
-        self.token = tid if (self.enabled and tid in self.tokens) else None
+        self.token = tid if (self.enabled and (self.tokens is None or tid in self.tokens)) else None
         self.notes = _TokenNotes()
         self.pending = {}
         if self.token is not None and not self.tree_written:
@@ -442,3 +444,36 @@ def _save_tensor(tensor: torch.Tensor, path: Path) -> None:
 def _write_json(path: Path, obj: Any) -> None:
     text = json.dumps(obj, indent=2)
     atomic_write(path, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
+
+
+def run_golden(golden: Any, dump_dir: Path, *, tokens: Iterable[int] | None, tensor_part: int) -> Path:
+    """Run what the plugin's ``ait_golden_model`` fixture returned under the dump hooks; returns the dump dir.
+
+    ``golden`` is ``(model, input_ids)`` (one forward), ``(model, input_ids, generate_kwargs)``
+    (``model.generate``) or a ``callable(dump_config)`` that runs the model itself under ``register_hook``.
+    ``tokens``: the token ids to dump (None: every token the run produces). A wrong shape of ``golden`` raises
+    AitLlmError; an exception from the user's model propagates untouched (its traceback is the user's help).
+    """
+    config = DumpConfig(dump_path=dump_dir, token_range=tokens, tensor_part=tensor_part)
+    if callable(golden) and not isinstance(golden, (nn.Module, tuple, list)):
+        returned = golden(config)
+        if isinstance(returned, DumpHandle):
+            return returned.dump_dir
+        if isinstance(returned, (str, os.PathLike)):
+            return Path(returned)
+        return Path(dump_dir)
+    if not isinstance(golden, (tuple, list)) or len(golden) not in (2, 3) or not isinstance(golden[0], nn.Module):
+        from ..errors import AitLlmError
+
+        raise AitLlmError(f"returned {type(golden).__name__}; expected (model, input_ids), "
+                          f"(model, input_ids, generate_kwargs) or a callable(dump_config)")
+    model, inputs = golden[0], golden[1]
+    kwargs = golden[2] if len(golden) == 3 else None
+    args, named = ((), dict(inputs)) if isinstance(inputs, dict) else \
+        ((tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), {})
+    with register_hook(model, config), torch.no_grad():
+        if kwargs is not None and callable(getattr(model, "generate", None)):
+            model.generate(*args, **named, **kwargs)
+        else:
+            model(*args, **named, **(kwargs or {}))
+    return Path(dump_dir)

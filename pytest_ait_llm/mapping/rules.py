@@ -2,10 +2,19 @@
 
 A rule is written ``Type[_stem]`` on each side, as in the original ``op_mapping_file.json``:
 ``"CommonLayer_outtensor0": ["GLMBlock_output_0", "BloomBlock_output_0"]`` pairs the ``outtensor0.bin`` of an ATB op
-whose type contains ``CommonLayer`` with the ``output_0.pth`` of a torch module whose type contains ``GLMBlock``.
+of type ``CommonLayer`` with the ``output_0.pth`` of a torch module of type ``GLMBlock``.
 Unlike the original, the stem is recognised by its shape (``outtensorN``/``intensorN`` on the ATB side,
 ``output``/``output_N``/``input_N`` on the torch side), so type names that contain ``_`` work, and a rule without a
 stem compares *all* output tensors index by index instead of silently finding nothing.
+
+Types are matched whole, with two documented patterns and no substrings (``Embedding`` must not match
+``RotaryEmbedding``):
+- ATB side: an op whose type, or whose name without its ``_N`` indices, *ends with* the key: ``CommonLayer`` matches
+  the op ``Bloom7bCommonLayer_3`` (ATB graph names carry a model prefix);
+- torch side: a module whose type is the value, or the value behind the model's family prefix: ``MLP`` matches
+  ``LlamaMLP`` in a Llama (family ``Llama``, from ``LlamaForCausalLM``/``LlamaDecoderLayer``, see
+  :func:`family_prefixes`); ``Embedding`` matches ``Embedding`` but never ``LlamaRotaryEmbedding``.
+Rules are indexed by type, so matching costs a few dictionary look-ups per op, whatever the number of rules.
 
 The built-in table is immutable; a user's file is merged over it into a new :class:`MappingTable` (the original
 wrote user entries into a module-level dict that leaked across calls).
@@ -15,6 +24,8 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Iterable, NamedTuple
 from pathlib import Path
 
 from ..errors import MappingError
@@ -27,9 +38,10 @@ _TORCH_STEM = re.compile(r"^(?P<type>.+?)_(?P<stem>(?:output|input)(?:_\d+)*)$")
 _NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
 
-@dataclass(frozen=True)
-class Side:
-    """One side of a rule: a type name matched by substring, and optionally the file stem to compare."""
+class Side(NamedTuple):
+    """One side of a rule: a type name (matched as the module docstring says) and optionally the file stem.
+
+    A named tuple (as is :class:`MappingRule`): a mapping file of 200k rules builds 600k of them."""
 
     type: str
     stem: str | None = None
@@ -38,27 +50,58 @@ class Side:
         return f"{self.type}_{self.stem}" if self.stem else self.type
 
 
-@dataclass(frozen=True)
-class MappingRule:
+class MappingRule(NamedTuple):
     atb: Side
     torch: Side
     source: str  # "builtin" or the mapping file's path
 
     def matches_atb(self, op_type: str, op_name: str = "") -> bool:
-        base = re.sub(r"(_\d+)+$", "", op_name)
-        return self.atb.type in op_type or (bool(base) and self.atb.type in base)
+        return any(name.endswith(self.atb.type) for name in (op_type, op_base_name(op_name)) if name)
 
-    def matches_torch(self, module_type: str) -> bool:
-        return self.torch.type in module_type
+    def matches_torch(self, module_type: str, families: Iterable[str] = ()) -> bool:
+        return self.torch.type in torch_type_keys(module_type, families)
+
+
+def op_base_name(op_name: str) -> str:
+    """``Bloom7bCommonLayer_3_1`` -> ``Bloom7bCommonLayer``: an ATB op name without its position indices."""
+    return re.sub(r"(_\d+)+$", "", op_name)
+
+
+def torch_type_keys(module_type: str, families: Iterable[str] = ()) -> set[str]:
+    """The rule types that match ``module_type``: itself, and what follows a family prefix (``LlamaMLP`` -> ``MLP``)."""
+    keys = {module_type}
+    keys.update(module_type[len(f):] for f in families if f and module_type.startswith(f) and len(module_type) > len(f))
+    return keys
+
+
+_FAMILY_SUFFIXES = ("ForCausalLM", "ForConditionalGeneration", "LMHeadModel", "PreTrainedModel", "DecoderLayer",
+                    "Model", "Layer", "Block")
+
+
+def family_prefixes(type_names: Iterable[str]) -> frozenset[str]:
+    """Model family prefixes from the model's root and layer types: ``LlamaForCausalLM`` and ``LlamaDecoderLayer``
+    give ``Llama``, ``BloomBlock`` gives ``Bloom``, ``GPTNeoXLayer`` gives ``GPTNeoX``.
+
+    Only these types are asked (a ``RotaryLayer`` elsewhere in the tree must not make ``Rotary`` a family)."""
+    out = set()
+    for name in type_names:
+        head = name.split("For", 1)[0] if "For" in name[1:] else name
+        for suffix in _FAMILY_SUFFIXES:
+            if head.endswith(suffix) and len(head) > len(suffix):
+                head = head[:-len(suffix)]
+                break
+        if head != name:
+            out.add(head)
+    return frozenset(out)
 
 
 def parse_atb_side(text: str) -> Side:
-    m = _ATB_STEM.match(text)
+    m = _ATB_STEM.match(text) if "tensor" in text else None
     return Side(m["type"], m["stem"]) if m else Side(text)
 
 
 def parse_torch_side(text: str) -> Side:
-    m = _TORCH_STEM.match(text)
+    m = _TORCH_STEM.match(text) if "put" in text else None
     return Side(m["type"], m["stem"]) if m else Side(text)
 
 
@@ -78,11 +121,16 @@ _BUILTIN: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 
 def _rules(entries, source: str) -> tuple[MappingRule, ...]:
-    return tuple(
-        MappingRule(parse_atb_side(key), parse_torch_side(value), source)
-        for key, values in entries
-        for value in values
-    )
+    torch_sides: dict[str, Side] = {}  # values repeat ("Linear" for many keys): parse each once
+    out = []
+    for key, values in entries:
+        atb = parse_atb_side(key)
+        for value in values:
+            side = torch_sides.get(value)
+            if side is None:
+                side = torch_sides[value] = parse_torch_side(value)
+            out.append(MappingRule(atb, side, source))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -98,8 +146,35 @@ class MappingTable:
     def merged(self, user_rules: tuple[MappingRule, ...]) -> MappingTable:
         return MappingTable(tuple(user_rules) + self.rules)
 
+    @cached_property
+    def _by_atb_type(self) -> dict[str, list[int]]:
+        index: dict[str, list[int]] = {}
+        for i, rule in enumerate(self.rules):
+            index.setdefault(rule.atb.type, []).append(i)
+        return index
+
+    @cached_property
+    def _by_torch_type(self) -> dict[str, list[int]]:
+        index: dict[str, list[int]] = {}
+        for i, rule in enumerate(self.rules):
+            index.setdefault(rule.torch.type, []).append(i)
+        return index
+
+    def atb_rule_indices(self, op_type: str, op_name: str = "") -> list[int]:
+        """Positions (in precedence order) of the rules whose ATB side matches: look-ups of every suffix of the
+        op's type and base name, not a scan of the rules."""
+        found: set[int] = set()
+        for name in {op_type, op_base_name(op_name)}:
+            for start in range(len(name)):
+                found.update(self._by_atb_type.get(name[start:], ()))
+        return sorted(found)
+
+    def torch_rule_indices(self, module_type: str, families: Iterable[str] = ()) -> set[int]:
+        """Positions of the rules whose torch side matches ``module_type``."""
+        return {i for key in torch_type_keys(module_type, families) for i in self._by_torch_type.get(key, ())}
+
     def rules_for_atb(self, op_type: str, op_name: str = "") -> list[MappingRule]:
-        return [r for r in self.rules if r.matches_atb(op_type, op_name)]
+        return [self.rules[i] for i in self.atb_rule_indices(op_type, op_name)]
 
 
 def _validated_entries(obj, path: Path):
@@ -153,11 +228,13 @@ class _DuplicateKey(Exception):
 
 
 def _no_duplicate_keys(pairs: list) -> dict:
-    out: dict = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(key)
-        out[key] = value
+    out = dict(pairs)  # built in C: a 200k-key file spends its time here otherwise
+    if len(out) != len(pairs):
+        seen: set = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
     return out
 
 

@@ -1,7 +1,9 @@
 """The pieces of a comparison that go into an HTML report: the CSV beside it, a table of the worst ops, the plot.
 
-Independent of pytest-html: this module produces files and HTML strings; the plugin wraps them into pytest-html
-``extras``. Everything returned is a plain string, so it survives being sent from an xdist worker.
+This module produces files and HTML strings, and (:func:`pytest_html_extras`, importing pytest-html only there)
+wraps them into pytest-html ``extras``. Everything returned is plain data, so it survives being sent from an xdist
+worker. Colours are set inline on every cell: pytest-html greys the text of its extras, and grey on red cannot be
+read.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-__all__ = ["attach_csv", "error_plot_img", "report_fragment", "worst_ops_table"]
+__all__ = ["attach_csv", "error_plot_img", "pytest_html_extras", "report_fragment", "worst_ops_table"]
 
 ASSET_DIR = "ait_llm"  # beside the HTML report: copies of the per-op CSVs
 _COS = "cosine_similarity"
@@ -54,33 +56,51 @@ def _verdict(row: Any) -> str:
     return "FAIL" if getattr(row, "breached", False) else "pass"
 
 
+#: Dark text on light backgrounds (contrast >= 7:1): breached rows light red, the root cause a stronger red.
+_TEXT, _HEAD_BG, _BREACH_BG, _FIRST_BG = "#111", "#e8e8e8", "#fde4e4", "#f6b9b9"
+_CELL = f"color:{_TEXT};padding:3px 6px;border:1px solid #bbb;vertical-align:top"
+
+LEGEND = (
+    "<b>RED</b>: relative euclidean distance, ‖my − golden‖ / ‖golden‖ (0 is identical). "
+    "<b>RED added</b>: the part of RED this op added to the error already in its inputs. "
+    "<b>(added)</b> after a limit: the limit was applied to the added error (mode=\"added\", the default), "
+    "so an op is not blamed for the error it received. "
+    "Light red rows breach a limit; the darker row is the <b>first divergence</b>, the root cause: later breaches "
+    "are marked propagated in the CSV."
+)
+
+
 def worst_ops_table(result: Any, n: int = 10) -> str:
-    """An HTML table: the first divergence (the root cause) on top, then the worst other compared ops."""
+    """An HTML table: the first divergence (the root cause) on top, then the worst other compared ops, then a
+    legend of its abbreviations."""
     first = result.first_divergence
     rows = [r for r in result.worst(n) if r is not first]
     if first is not None:
         rows = [first] + rows[: n - 1]
     if not rows:
-        return "<p>no compared op pairs</p>"
-    head = ("<tr><th>order</th><th>token</th><th>ATB op</th><th>torch module</th><th>cos</th><th>RED</th>"
-            '<th title="the error this op added to the error of its inputs: what mode=&quot;added&quot; judges">'
-            "RED added</th><th>verdict</th><th>breached limits</th><th></th></tr>")
+        return f'<p style="color:{_TEXT}">no compared op pairs</p>'
+    titles = ("order", "token", "ATB op", "torch module", "cos", "RED", "RED added", "verdict", "breached limits",
+              "")
+    head = "<tr>" + "".join(f'<th style="{_CELL};background:{_HEAD_BG};text-align:left">{t}</th>'
+                            for t in titles) + "</tr>"
     body = []
     for r in rows:
         is_first = getattr(r, "first_divergence", False)
-        style = ' style="background:#fdd"' if getattr(r, "breached", False) else ""
+        background = _FIRST_BG if is_first else _BREACH_BG if getattr(r, "breached", False) else "#fff"
+        style = f"{_CELL};background:{background}"
         breaches = "; ".join(str(b) for b in getattr(r, "breaches", ()) or ())
-        body.append(
-            f"<tr{style}><td>{escape(str(r.order))}</td><td>{escape(str(r.token_id))}</td>"
-            f"<td>{escape(r.atb_op)}<br><small>{escape(r.my_op_type)}</small></td>"
-            f"<td>{escape(r.torch_module)}<br><small>{escape(r.golden_op_type)}</small></td>"
-            f"<td>{_fmt(_metric(r, _COS), 8)}</td><td>{_fmt(_metric(r, _RED), 3)}</td>"
-            f"<td>{_fmt((getattr(r, 'effective', None) or {}).get(_RED, math.nan), 3)}</td>"
-            f"<td>{escape(_verdict(r))}</td><td>{escape(breaches)}</td>"
-            f"<td>{'<b>first divergence</b>' if is_first else ''}</td></tr>")
-    return (f'<table class="ait-llm-worst-ops" border="1" cellpadding="3" style="border-collapse:collapse">'
-            f"<caption>worst ops (of {len(result.compared)} compared pairs)</caption>"
-            f"<thead>{head}</thead><tbody>{''.join(body)}</tbody></table>")
+        cells = (escape(str(r.order)), escape(str(r.token_id)),
+                 f"{escape(r.atb_op)}<br><small>{escape(r.my_op_type)}</small>",
+                 f"{escape(r.torch_module)}<br><small>{escape(r.golden_op_type)}</small>",
+                 _fmt(_metric(r, _COS), 8), _fmt(_metric(r, _RED), 3),
+                 _fmt((getattr(r, 'effective', None) or {}).get(_RED, math.nan), 3),
+                 escape(_verdict(r)), escape(breaches), "<b>first divergence</b>" if is_first else "")
+        body.append("<tr>" + "".join(f'<td style="{style}">{c}</td>' for c in cells) + "</tr>")
+    return (f'<table class="ait-llm-worst-ops" style="border-collapse:collapse;color:{_TEXT};background:#fff">'
+            f'<caption style="color:{_TEXT};text-align:left;font-weight:bold;padding:4px 0">'
+            f"worst ops (of {len(result.compared)} compared pairs)</caption>"
+            f"<thead>{head}</thead><tbody>{''.join(body)}</tbody></table>"
+            f'<p class="ait-llm-legend" style="color:{_TEXT};max-width:70em;font-size:90%">{LEGEND}</p>')
 
 
 def error_plot_img(result: Any, png_path: str | Path) -> str:
@@ -113,11 +133,35 @@ def _summary_line(result: Any) -> str:
 def report_fragment(result: Any, *, png_path: str | Path | None = None, csv_href: str | None = None,
                     n: int = 10) -> str:
     """The HTML a report shows for one comparison: summary line, CSV link, worst-ops table, error plot."""
-    parts = [f'<div class="ait-llm"><p><b>{escape(_summary_line(result))}</b></p>']
-    if csv_href:
-        parts.append(f'<p>per-op CSV: <a href="{escape(csv_href)}">{escape(Path(csv_href).name)}</a></p>')
+    parts = [f'<div class="ait-llm" style="color:{_TEXT}"><p><b>{escape(_summary_line(result))}</b></p>']
+    if csv_href:  # the link text is the name of the file it opens
+        parts.append(f'<p>per-op CSV: <a href="{escape(csv_href)}" style="color:#0645ad">'
+                     f'{escape(Path(csv_href).name)}</a></p>')
     parts.append(worst_ops_table(result, n))
     if png_path is not None:
         parts.append(error_plot_img(result, png_path))
     parts.append("</div>")
     return "".join(parts)
+
+
+def pytest_html_extras(results: list, report_dir: str | Path, name: str) -> list:
+    """pytest-html ``extras`` for a test's comparisons: per comparison a link to a copy of its CSV beside the
+    report (the link text is the copy's file name: what the link opens) and :func:`report_fragment`.
+
+    ``results`` holds ``(CompareResult, output_dir)`` per ``compare_ops`` call of the test.
+    """
+    from pytest_html import extras as html_extra
+
+    extras = []
+    for index, (result, out_dir) in enumerate(results, start=1):
+        href = None
+        if result.csv_path is not None:
+            try:
+                href = attach_csv(result.csv_path, report_dir, f"{name}-{index}")
+            except OSError:  # a report that cannot carry the CSV still shows the table and the plot
+                href = None
+            if href is not None:
+                extras.append(html_extra.url(href, name=f"ait-llm CSV {index}: {Path(href).name}"))
+        png = Path(out_dir) / (Path(result.csv_path).stem + ".png" if result.csv_path else "error_profile.png")
+        extras.append(html_extra.html(report_fragment(result, png_path=png, csv_href=href)))
+    return extras

@@ -2,8 +2,9 @@
 
 One point per compared tensor pair, in execution order: ``1 - cosine similarity`` and the relative euclidean
 distance on a log axis. A precision bug shows as a step up at the op that introduced it; breaches are drawn in
-red and the first divergence (the root cause) is annotated, so a person sees at a glance whether the error grows
-slowly with depth (rounding) or jumps at one op (a bug).
+red and the first divergence (the root cause) is annotated beside the axes (a label inside them would hide the
+data), and the x axis is ticked at each layer (top-level ATB op), so a person sees at a glance whether the error
+grows slowly with depth (rounding) or jumps at one op (a bug), and in which layer.
 
 matplotlib is optional and heavy: it is imported here, inside the function, and only through the object-oriented
 Agg API (no pyplot, so no global figure state and no GUI backend).
@@ -15,12 +16,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_error_profile"]
+__all__ = ["layer_ticks", "plot_error_profile"]
 
 #: Values at or below this are drawn at this floor (a log axis cannot show an exact match).
 FLOOR = 1e-12
 #: Up to this many pairs, each x tick is labelled with its ATB op folder name.
 MAX_LABELLED_OPS = 40
+#: At most this many layer ticks are labelled (every k-th layer beyond it).
+MAX_LAYER_TICKS = 30
 _COS = "cosine_similarity"
 _RED = "relative_euclidean_distance"
 
@@ -43,6 +46,25 @@ def _short(text: str, limit: int = 48) -> str:
     return text if len(text) <= limit else "…" + text[-(limit - 1):]
 
 
+def layer_ticks(rows: list) -> tuple[list[int], list[str]]:
+    """(x, label) at the first pair of each layer, per token: a layer is a top-level ATB op that holds other ops
+    (``6_LlamaLayer`` -> label ``6``). Thinned to at most :data:`MAX_LAYER_TICKS` labels."""
+    ops = [getattr(r, "atb_op", "") or "" for r in rows]
+    layers = {op.split("/", 1)[0] for op in ops if "/" in op}
+    xs: list[int] = []
+    labels: list[str] = []
+    previous = None
+    for i, (row, op) in enumerate(zip(rows, ops)):
+        top = op.split("/", 1)[0]
+        key = (getattr(row, "token_id", None), top)
+        if top in layers and key != previous:
+            xs.append(i)
+            labels.append(top.split("_", 1)[0])
+        previous = key
+    step = max(1, math.ceil(len(xs) / MAX_LAYER_TICKS))
+    return xs[::step], labels[::step]
+
+
 def plot_error_profile(result: Any, path: str | Path, *, title: str | None = None) -> Path:
     """Draw ``result``'s per-op error along execution order into the PNG file ``path``; returns ``path``.
 
@@ -55,7 +77,7 @@ def plot_error_profile(result: Any, path: str | Path, *, title: str | None = Non
 
     path = Path(path)
     rows = [r for r in result.rows if getattr(r, "metrics", None) is not None]
-    fig = Figure(figsize=(10, 4.2), dpi=100)
+    fig = Figure(figsize=(12, 4.4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     if not rows:
@@ -83,21 +105,30 @@ def plot_error_profile(result: Any, path: str | Path, *, title: str | None = Non
         if first is not None:
             row = rows[first]
             y = red[first] if not math.isnan(red[first]) else FLOOR
-            label = f"first divergence:\n{_short(row.atb_op or row.atb_op_name)}\n↔ {_short(row.torch_module)}"
-            ax.annotate(label, (first, y), xytext=(0.55 if first < len(rows) / 2 else 0.05, 0.55),
-                        textcoords="axes fraction", fontsize=8, color="darkred",
-                        bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "darkred", "alpha": 0.9},
-                        arrowprops={"arrowstyle": "->", "color": "darkred"})
+            ax.axvline(first, color="darkred", linestyle="--", linewidth=0.8, zorder=1)
+            ax.scatter([first], [y], s=160, facecolors="none", edgecolors="darkred", linewidths=1.6, zorder=4,
+                       label="first divergence")
+            # named beside the axes, under the legend: a label inside them would hide the data
+            label = f"first divergence:\n{_short(row.atb_op or row.atb_op_name, 36)}\n↔ {_short(row.torch_module, 36)}"
+            ax.text(1.02, 0.5, label, transform=ax.transAxes, fontsize=8, color="darkred", ha="left", va="top",
+                    bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "darkred"})
         ax.set_yscale("log")
         finite = [v for v in red + one_minus_cos if not math.isnan(v)]
         if finite:
             ax.set_ylim(min(finite) / 10, max(finite) * 30)
         ax.set_xlim(-0.5, len(rows) - 0.5)
+        layer_x, layer_labels = layer_ticks(rows)
         if len(rows) <= MAX_LABELLED_OPS:
             ax.set_xticks(xs)
             ax.set_xticklabels([_short("/".join((r.atb_op or r.atb_op_name).split("/")[-2:]), 32) for r in rows],
                                rotation=35, ha="right", fontsize=7)
             ax.set_xlabel("ATB op, in execution order")
+        elif layer_x:
+            ax.set_xticks(layer_x)
+            ax.set_xticklabels(layer_labels, fontsize=7)
+            ax.set_xlabel("layer (id of the top-level ATB op), in execution order")
+            for x in layer_x:
+                ax.axvline(x - 0.5, color="0.85", linewidth=0.6, zorder=0)
         else:
             ax.set_xlabel("op pair, in execution order")
         ax.set_ylabel("error (log)")
