@@ -223,9 +223,12 @@ def test_plugin_compares_ranks_merged_by_default_and_per_rank_with_ait_rank(pyte
     my, _ = _mirror(goldens, tmp_path, "qwen2", 2, faults={"root.model.layers.2.mlp.up_proj@1": 1.05})
     pytester.makepyfile(test_port=PLUGIN_TEST)
     result = pytester.runpytest("-v", f"--ait-golden-path={goldens['qwen2'].root}", f"--ait-my-path={my}",
-                                "--ait-output=out")
+                                "--ait-output=out", "--html=report.html")
     result.assert_outcomes(passed=1, failed=2)  # merged and rank 1 fail, rank 0 passes
     out = result.stdout.str()
     assert re.search(r"test_piece\[rank0_5000\] PASSED", out)
     assert re.search(r"test_piece\[rank1_5001\] FAILED", out)
     assert "rank 1's shard (1_5001) carries" in out
+    assert "root.model.layers.2.mlp.up_proj (Linear), token 0 [merged]" in out  # the first line says which rank
+    html = (pytester.path / "report.html").read_text()
+    assert "<small>merged</small>" in html and "[merged]" in html  # the worst-ops table and its summary line

@@ -122,7 +122,8 @@ class CompareResult:
         if first is None:
             return "no breach"
         lines = [f"first divergent op: {first.atb_op} ({first.atb_op_name}, {first.my_op_type}) "
-                 f"<-> torch {first.torch_module} ({first.golden_op_type}), token {first.token_id}"]
+                 f"<-> torch {first.torch_module} ({first.golden_op_type}), token {first.token_id}"
+                 + (f" [{first.rank}]" if len({r.rank for r in self.compared}) > 1 else "")]  # ranks: which one
         if first.reason:
             lines.append(f"  {first.reason}")
         for b in first.breaches:
