@@ -230,5 +230,31 @@ def test_plugin_compares_ranks_merged_by_default_and_per_rank_with_ait_rank(pyte
     assert re.search(r"test_piece\[rank1_5001\] FAILED", out)
     assert "rank 1's shard (1_5001) carries" in out
     assert "root.model.layers.2.mlp.up_proj (Linear), token 0 [merged]" in out  # the first line says which rank
-    html = (pytester.path / "report.html").read_text()
-    assert "<small>merged</small>" in html and "[merged]" in html  # the worst-ops table and its summary line
+    from html import unescape
+
+    report = unescape((pytester.path / "report.html").read_text())  # pytest-html keeps extras as escaped JSON
+    assert "first divergence: 3_DecoderLayer/8_MlpGateLayerV2/1_LinearOperation" in report and "[merged]" in report
+
+
+def test_html_worst_ops_table_shows_each_rows_rank(goldens, tmp_path):
+    from pytest_ait_llm.report.html import report_fragment
+
+    my, _ = _mirror(goldens, tmp_path, "llama", 2, faults={"root.model.layers.0.mlp.up_proj@0": 1.05})
+    fragment = report_fragment(compare_dumps(goldens["llama"], my))
+    assert "(token 0) [merged]" in fragment  # the summary line
+    assert "0<br><small>merged</small>" in fragment and "<small>1_5001</small>" in fragment
+
+
+def test_cli_given_one_rank_dir_compares_the_whole_run_merged(goldens, tmp_path):
+    import subprocess
+    import sys
+
+    my, _ = _mirror(goldens, tmp_path, "qwen2", 4, faults={"root.model.layers.0.mlp.gate_proj@2": 1.05})
+    proc = subprocess.run([sys.executable, "-m", "pytest_ait_llm", "compare", "-gp", str(goldens["qwen2"].root),
+                           "-mp", str(my / "tensors" / "2_5002"), "-o", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    first = next(line for line in proc.stdout.splitlines() if line.startswith("first divergence:"))
+    assert "root.model.layers.0.mlp.gate_proj (token 0) [merged]" in first
+    assert "rank 2's shard (2_5002) carries" in first
+    assert "Traceback" not in proc.stderr

@@ -100,14 +100,15 @@ class CompareResult:
             f"{sum(1 for u in self.unpaired if u.side == 'torch')} torch",
         ]
         first = self.first_divergence
+        rank = (lambda r: f" [{r.rank}]") if len({r.rank for r in compared}) > 1 else (lambda r: "")  # TP: which
         if first is not None:
-            lines.append(f"first divergence: {first.where}: {first.breach_text()}")
+            lines.append(f"first divergence: {first.where}{rank(first)}: {first.breach_text()}")
         worst = [r for r in self.worst(5) if r.metrics is not None]
         if worst:
             lines.append("worst ops (relative euclidean distance, cosine):")
             for r in worst:
                 lines.append(f"  {r.metric('relative_euclidean_distance'):.3g}  {r.metric('cosine_similarity'):.6f}  {r.where}"
-                             + ("  BREACH" if r.breached else ""))
+                             + rank(r) + ("  BREACH" if r.breached else ""))
         if self.csv_path:
             lines.append(f"report: {self.csv_path}")
         return "\n".join(lines)

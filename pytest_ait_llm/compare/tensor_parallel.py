@@ -351,6 +351,17 @@ def _problem_rank(line: str) -> str:
     return Path(line.split(":", 1)[0].removeprefix("rank dir ")).name if line.startswith("rank dir ") else MERGED
 
 
+def _states_ranks(dump) -> bool:
+    """The first rank of ``dump`` states a parallel group in its topology (an unreadable one says nothing)."""
+    from ..errors import AitLlmError
+    from ..formats.ranks import rank_params
+
+    try:
+        return any(size > 1 for _, size in rank_params(dump.ranks[0].topology()))
+    except AitLlmError:
+        return True  # let the run's own discovery report which ranks cannot be read
+
+
 def compare_run(golden: TorchDump, run: RankedRun, options: CompareOptions | None = None,
                 golden_ranks: Sequence[TorchDump] = ()) -> CompareResult:
     """Compare the TP ``run`` with the single-device ``golden`` (or, with ``golden_ranks``, rank to rank): plan
@@ -380,12 +391,12 @@ def compare_tensor_parallel(golden, my, options: CompareOptions) -> CompareResul
 
     links = options.my.allow_symlinks
     dump = my if isinstance(my, AtbDump) else open_atb_dump(my, allow_symlinks=links)
-    if isinstance(my, AtbDump) and len(dump.ranks) < 2:
-        return None
-    root_ranks = dump.ranks if isinstance(my, AtbDump) else open_atb_dump(dump.root, allow_symlinks=links).ranks
-    if len(root_ranks) < 2:
-        return None
-    run = open_run(dump if isinstance(my, AtbDump) else dump.root, allow_symlinks=links)
+    if isinstance(my, AtbDump) and len(dump.ranks) > 1:
+        run = open_run(dump)  # a handle is taken as it is
+    else:  # a path, or a handle opened from one rank's dir: every rank of its run, as msit accepts
+        if len(open_atb_dump(dump.root, allow_symlinks=links).ranks) < 2 or not _states_ranks(dump):
+            return None
+        run = open_run(dump.root, allow_symlinks=links)
     if not is_tensor_parallel(run) and not (options.ranks == frozenset({MERGED}) and run.size > 1):
         return None
     g_links = options.golden.allow_symlinks
