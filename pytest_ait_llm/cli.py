@@ -1,11 +1,13 @@
 """`ait-llm` — the same engine as the pytest plugin, from a shell.
 
     ait-llm compare -gp GOLDEN -mp MY [--op-mapping-file DIR] [-o OUTDIR] [--tokens 0-1] [--fail-on-breach]
+                    [--baseline FILE [--update-baseline]]
     ait-llm dump --exec "bash run.sh ..." [-o OUTDIR] [-er 0-1] [-time 3] [-stp 2]
     ait-llm --version
 
 Tokens are chosen in one syntax everywhere (``0``, ``0,3``, ``0-3``, ``0-1,5``, ``all``; see token_range.py).
-Exit codes: 0 compared (or dumped), 1 a pair breached with --fail-on-breach, 2 bad input (one-line error).
+Exit codes: 0 compared (or dumped), 1 a pair breached (or regressed against --baseline) with --fail-on-breach,
+2 bad input (one-line error).
 """
 from __future__ import annotations
 
@@ -66,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--max-bin-bytes", type=int, help="largest .bin accepted (default 2 GiB, as the original)")
     cmp.add_argument("--allow-symlinks", action="store_true", default=None,
                      help="follow symlinks that point out of a dump root (refused by default)")
+    cmp.add_argument("--baseline", metavar="FILE", help="check each op against this accepted regression baseline "
+                     "(written from this run when it does not exist yet); see docs/baselines.md")
+    cmp.add_argument("--update-baseline", action="store_true", help="(re)write --baseline FILE from this run")
 
     dump = sub.add_parser("dump", help="run an ATB inference command with the ATB dump environment set")
     dump.add_argument("--exec", dest="exec_cmd", required=True, help='the command, e.g. "bash run.sh model.py"')
@@ -110,12 +115,15 @@ def _check_tokens(wanted, golden, my) -> None:
 
 def _compare(args) -> int:
     from .api import run_compare
+    from .errors import AitLlmError
     from .compare.metrics import load_custom_metric
     from .compare.tolerance import Tolerance
     from .formats.atb_layout import open_atb_dump
     from .formats.torch_layout import open_torch_dump
     from .comparison_pass import describe as comparison_pass
 
+    if args.update_baseline and not args.baseline:
+        raise AitLlmError("--update-baseline needs --baseline FILE")
     tolerance = Tolerance.from_marker(mode=args.mode, **dict(args.tolerance))
     metrics = [load_custom_metric(spec) for spec in args.custom_metric]
     golden = open_torch_dump(args.golden_path, allow_symlinks=args.allow_symlinks)
@@ -126,12 +134,28 @@ def _compare(args) -> int:
     result = run_compare(golden, my, mapping_dir=args.op_mapping_file, tolerance=tolerance,
                          output_dir=args.output, tokens=args.tokens, workers=args.workers, custom_metrics=metrics,
                          max_bin_bytes=args.max_bin_bytes, progress=_progress(),
-                         allow_symlinks=args.allow_symlinks)
+                         allow_symlinks=args.allow_symlinks, write_csv=not args.baseline)
+    outcome = _check_baseline(args, result) if args.baseline else None
     print(result.csv_path)
     print(result.summary())
-    if args.fail_on_breach and not result.passed:
+    if outcome is not None:
+        print(f"baseline {outcome.written}: {outcome.path}" if outcome.written and outcome.passed
+              else outcome.message("--update-baseline") or outcome.regression.summary())
+    baseline_ok = outcome is None or outcome.passed
+    if args.fail_on_breach and not (result.passed and baseline_ok):
         return EXIT_BREACH
     return EXIT_OK
+
+
+def _check_baseline(args, result):
+    """Check (or write) --baseline FILE and write the CSV with its columns; a bad baseline is an exit-2 error."""
+    from .errors import AitLlmError
+    from .report.baseline import check_baseline
+
+    outcome = check_baseline(result, args.baseline, update=args.update_baseline, output_dir=args.output)
+    if outcome.error:
+        raise AitLlmError(outcome.error)
+    return outcome
 
 
 def _dump(args) -> int:

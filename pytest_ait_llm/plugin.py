@@ -25,6 +25,8 @@ if TYPE_CHECKING:  # pragma: no cover - names for annotations only
     from .formats.torch_layout import TorchDump
 
 MARKER = "ait_tolerance"
+#: Regression baselines (options, marker, HTML table) live in their own plugin module, loaded with this one.
+pytest_plugins = ["pytest_ait_llm.baseline_plugin"]
 
 _SETTINGS = pytest.StashKey[Settings]()
 _RESULTS = pytest.StashKey[list]()  # on a test item: (CompareResult, output dir) of each compare_ops call
@@ -249,12 +251,17 @@ def compare_ops(request: pytest.FixtureRequest, ait_llm_session_dir: Path) -> Ca
         def test_port(torch_dump, atb_dump, compare_ops):
             result = compare_ops(torch_dump, atb_dump)
             assert result.rows  # passed; the result is there to inspect
+
+    A bad marker argument (``cos="high"``, an unknown metric) fails the test with a one-line message.
+
+    ``baseline=True`` (or ``@pytest.mark.ait_baseline``) also checks the result against the test's accepted
+    regression baseline (docs/baselines.md); ``baseline={"red": (0.5, 1e-3)}`` overrides its margins.
     """
     settings = _settings(request.config)
     node = request.node
     calls = [0]
 
-    def compare(golden: Any, my: Any, *, tokens: Any = None, ranks: Any = None,
+    def compare(golden: Any, my: Any, *, tokens: Any = None, ranks: Any = None, baseline: Any = None,
                 **tolerance_overrides: Any) -> CompareResult:
         __tracebackhide__ = True
         from .api import run_compare
@@ -263,6 +270,9 @@ def compare_ops(request: pytest.FixtureRequest, ait_llm_session_dir: Path) -> Ca
 
         where = f"@pytest.mark.{MARKER}" + (" / compare_ops() overrides" if tolerance_overrides else "")
         tolerance = _call(where, (ToleranceError,), _tolerance, node, tolerance_overrides)
+        from .baseline_plugin import baseline_gate
+
+        gate = baseline_gate(node, baseline)
         calls[0] += 1
         out = ait_llm_session_dir / "compare" / f"{_safe_name(node.nodeid)}-{calls[0]}"
         out.mkdir(parents=True, exist_ok=True)
@@ -270,17 +280,21 @@ def compare_ops(request: pytest.FixtureRequest, ait_llm_session_dir: Path) -> Ca
         result = _call("compare_ops", (AitLlmError,), run_compare, golden, my, mapping_dir=settings.op_mapping_file,
                        tolerance=tolerance, output_dir=out, tokens=wanted, ranks=_as_list(ranks),
                        max_bin_bytes=settings.max_bin_bytes, allow_symlinks=settings.allow_symlinks or None,
-                       progress=LiveStatus(request.config, "ait-llm compare").compare_progress)
+                       progress=LiveStatus(request.config, "ait-llm compare").compare_progress,
+                       write_csv=gate is None)
+        regression_failure = gate.check(result, out) if gate is not None else ""  # also writes the CSV
         node.stash.setdefault(_RESULTS, []).append((result, out))
         if result.csv_path is not None:
             node.user_properties.append((CSV_PROPERTY, str(result.csv_path)))
-        node.user_properties.append((VERDICT_PROPERTY, "ok" if result.passed else "breach"))
+        node.user_properties.append((VERDICT_PROPERTY, "breach" if not result.passed else
+                                     "baseline" if regression_failure else "ok"))
         for row in result.rows:  # a whole token that one side lacks: say so, it was not compared
             if row.status == "unpaired" and row.token_id is not None and not (row.atb_op or row.torch_module):
                 warnings.warn(f"ait-llm: {node.nodeid}: token {row.token_id} not compared: {row.reason}",
                               stacklevel=2)
-        if not result.passed:
-            raise AssertionError(result.failure_message())
+        if not result.passed or regression_failure:
+            raise AssertionError("\n".join(m for m in (
+                "" if result.passed else result.failure_message(), regression_failure) if m))
         return result
 
     return compare

@@ -4,6 +4,11 @@ Runs ``pytest examples/llama_port`` the way a porting team's CI would (``--ait-e
 ``--op-mapping-file`` their mappings), with the dumps, per-op CSVs and an HTML report under ``out/demo``.
 The healthy port passes; the port with an injected bug is an expected failure whose report names the op at fault.
 The HTML report is not self-contained: it links the per-op CSV files that sit beside it.
+
+Then the regression baseline: the same healthy-port test runs again on a port whose layer-6 RmsNorm output is 0.5 %
+too large (``PORT_BUG=rmsnorm_scale_0.5pct``, as a kernel or CANN change might do). That port passes every
+tolerance, but not the baseline committed in ``ait_baselines/``: the failure (and ``out/demo/drift/report.html``)
+names that RmsNorm as the first regression. That run is expected to fail; the demo fails if it does not.
 """
 from __future__ import annotations
 
@@ -57,7 +62,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ndemo finished in {time.monotonic() - started:.0f} s (pytest exit code {code})")
     print(f"HTML report: {report}" if report.exists() else "no HTML report was written")
     print(f"dumps and per-op CSV reports: {out}")
-    return code
+    drift_code = show_baseline_drift(out / "drift", env)
+    return code or drift_code
+
+
+#: The in-tolerance precision change the baseline part of the demo runs (port.DRIFTS).
+DRIFT = "rmsnorm_scale_0.5pct"
+
+
+def show_baseline_drift(out: Path, env: dict[str, str]) -> int:
+    """Run test_healthy_port on the drifted port: it must fail its baseline (and nothing else). 0 when it does."""
+    out.mkdir(parents=True)
+    cmd = pytest_command(out, ["-k", "test_healthy_port"])
+    print(f"\n$ PORT_BUG={DRIFT} " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    proc = subprocess.run(cmd, cwd=REPO, env={**env, "PORT_BUG": DRIFT}, capture_output=True, text=True)
+    print(proc.stdout[-4000:], proc.stderr[-2000:], sep="")
+    named = "first regression: 7_LlamaLayer/0_RmsNormOperation" in proc.stdout
+    if proc.returncode == 1 and named:
+        print(f"as expected: PORT_BUG={DRIFT} stays inside every tolerance but fails the committed baseline, "
+              f"naming the RmsNorm it changed (HTML report: {out / 'report.html'})")
+        return 0
+    print(f"UNEXPECTED: PORT_BUG={DRIFT} should fail test_healthy_port's baseline naming layer 6's input RmsNorm "
+          f"(pytest exit code {proc.returncode})")
+    return 1
 
 
 if __name__ == "__main__":

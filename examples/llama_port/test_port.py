@@ -26,7 +26,9 @@ def failure_message(bug: str, torch_dump, ait_exec_run, compare_ops) -> str:
 
 
 # bf16 port vs float32 golden: cosine >= 0.999 and a relative euclidean distance of at most 2 % per op
-# (the dtype-aware defaults, written out here so the gate is visible in the test).
+# (the dtype-aware defaults, written out here so the gate is visible in the test). ait_baseline: no op may get
+# worse than in the accepted run recorded in ait_baselines/test_port/test_healthy_port.json (docs/baselines.md).
+@pytest.mark.ait_baseline
 @pytest.mark.ait_tolerance(cos=0.999, red=0.02)
 def test_healthy_port(torch_dump, atb_dump, compare_ops):
     result = compare_ops(torch_dump, atb_dump)

@@ -102,21 +102,24 @@ def reserve_report_path(output_dir: str | Path, prefix: str = "ait_cmp_report_",
     raise OSError(f"{out}: no free report name for {prefix}{stamp}")
 
 
-def write_csv(result: CompareResult, output_dir: str | Path) -> Path:
+def write_csv(result: CompareResult, output_dir: str | Path, extra_columns=None) -> Path:
     """Write the report for ``result`` into ``output_dir`` and return its path.
 
     UTF-8, with any character UTF-8 cannot hold written as its backslash escape (a lone surrogate from a topology's
     JSON, a file name in GBK bytes read on a UTF-8 system shows as ``\\udcd6``): a name never costs the report.
+    ``extra_columns``: ``(names, row -> cells)`` appended after all other columns (the baseline's, see
+    report/baseline.py).
     """
     path = reserve_report_path(output_dir)
     custom = custom_columns(result)
+    extra_names, extra_cells = extra_columns or ([], lambda row: [])
 
     def write(temp: Path) -> None:
         with open(temp, "x", newline="", encoding="utf-8", errors="backslashreplace") as fh:
             writer = csv.writer(fh)
-            writer.writerow(AIT_COLUMNS + OUR_COLUMNS + custom)
+            writer.writerow(AIT_COLUMNS + OUR_COLUMNS + custom + list(extra_names))
             for row in result.rows:
-                writer.writerow(row_values(row, custom))
+                writer.writerow(row_values(row, custom) + list(extra_cells(row)))
 
     try:
         return atomic_write(path, write)
