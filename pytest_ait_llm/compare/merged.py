@@ -66,32 +66,17 @@ def _runs(golden: RawTensor, shards: Sequence[RawTensor], dim: int, rank: int, c
 
 
 def _kernel_state() -> np.ndarray:
-    start = getattr(fastpass._kernel, "STATE_START", None)
-    return np.array(start, np.float64) if start is not None else fastpass.new_state()
+    return np.array(fastpass._kernel.STATE_START, np.float64)
 
 
 def _kernel_sums(state: np.ndarray) -> dict[str, float]:
     """The compiled pass's state by slot name (the names _metric_values and the stats take)."""
-    slots = getattr(fastpass, "SLOTS", None)
-    if slots:
-        return dict(zip(slots, state.tolist()))
-    f = fastpass
-    names = ("n", "gm", "gg", "mm", "dd", "abs_sum", "abs_max", "rel_sum", "rel_max", "shift_g", "sum_g", "t",
-             "shift_m", "sum_m", "finite")
-    out = {name: float(state[i]) for i, name in enumerate(names)}
-    for side, base in (("golden", f.G_STATS), ("my", f.M_STATS)):
-        for k, off in (("nan", f.NAN), ("inf", f.INF), ("finite", f.FIN), ("sum", f.SUM), ("min", f.MIN),
-                       ("max", f.MAX)):
-            out[f"{side}_{k}"] = float(state[base + off])
-    return out
+    return dict(zip(fastpass.SLOTS, state.tolist()))
 
 
 def _dots(state: np.ndarray) -> tuple[float, float, float, float]:
     """The running Σg·m, Σg², Σm², Σ(m-g)² of the compiled pass's state."""
-    slots = getattr(fastpass, "SLOTS", None)
-    if slots:
-        return tuple(float(state[slots.index(k)]) for k in ("gm", "gg", "mm", "dd"))
-    return tuple(float(x) for x in state[fastpass.GM:fastpass.DD + 1])
+    return tuple(float(state[fastpass.SLOTS.index(k)]) for k in ("gm", "gg", "mm", "dd"))
 
 
 def _copied(view: np.ndarray, buf: np.ndarray) -> np.ndarray:
