@@ -121,10 +121,24 @@ def test_a_rank_that_died_is_one_row_and_the_rest_is_compared(goldens, tmp_path)
     my, _ = _mirror(goldens, tmp_path, "llama", 4, ranks=[0, 2, 3])
     result = compare_dumps(goldens["llama"], my)
     problems = [r.reason for r in result.rows if r.status == "unpaired" and r.token_id is None
-                and r.reason.startswith("rank 1 of 4")]
+                and r.reason.startswith("rank 1 of 4: no readable rank dir")]
     assert len(problems) == 1 and str(my / "tensors") in problems[0]
     replicated = [r for r in result.compared if r.torch_module == "root.model.layers.0.input_layernorm"]
     assert len(replicated) == 2 * 3 and all(r.passed for r in replicated)  # 2 tokens x the 3 ranks left
+
+
+def test_a_rank_without_topology_is_one_row_and_its_replicated_ops_are_compared_on_the_others(goldens, tmp_path):
+    my, _ = _mirror(goldens, tmp_path, "qwen2", 2)
+    shutil.rmtree(my / "model" / "5001")
+    shutil.rmtree(my / "layer" / "5001")
+    result = compare_dumps(goldens["qwen2"], my)
+    lines = [r.reason for r in result.rows if r.status == "unpaired" and r.token_id is None and not r.atb_op
+             and not r.torch_module]
+    assert any(line.startswith(f"rank dir {my / 'tensors' / '1_5001'}: not compared") for line in lines), lines
+    norms = [r for r in result.compared if r.torch_module == "root.model.layers.0.input_layernorm"]
+    assert {r.rank for r in norms} == {"0_5000"} and all(r.passed for r in norms)
+    q = [u for u in result.unpaired if u.name == "1_DecoderLayer/1_LinearOperation"]
+    assert q and "tensor parallel" in q[0].reason  # a shard alone cannot be compared: said, not guessed
 
 
 def test_a_rank_cut_short_is_one_row_naming_rank_and_folder(goldens, tmp_path):

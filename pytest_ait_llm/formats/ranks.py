@@ -82,8 +82,8 @@ def open_run(path: str | os.PathLike | AtbDump, *, allow_symlinks: bool | None =
         size = next(iter(next(iter(stated.values()))))[1]
         for index in range(size):
             if index not in by_index:
-                problems.append(f"rank {index} of {size}: no rank dir under {full.root / 'tensors'} (a rank that "
-                                f"died before dumping?); its shards are missing")
+                problems.append(f"rank {index} of {size}: no readable rank dir under {full.root / 'tensors'} (a rank "
+                                f"that died before dumping?); its shards are missing")
         ranks = [by_index[i] for i in sorted(by_index)]
         return RankedRun(full, ranks, "rank params", expected=size, problems=problems)
     for rank, params in usable:
