@@ -76,6 +76,16 @@ BUGS: dict[str, Bug] = {
 _BUG_LAYER = {"rmsnorm_eps": 5, "transposed_weight": 2}
 
 
+def _load_sibling(name: str, filename: str):
+    """A file beside this one, imported under ``name`` once."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, HERE / filename)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 @dataclass(frozen=True)
 class Drift:
     """A precision change too small for any tolerance: one op's output scaled by ``factor`` before its bf16
@@ -404,6 +414,7 @@ class LlamaPort:
         self.v_cache = torch.zeros_like(self.k_cache)
         self.token_offset = 0
         self.rounds = 0
+        self.kernels = KERNELS  # the TP mode (port_tp.py) adds its row-parallel linear
 
     def _step_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         n = input_ids.shape[1]
@@ -455,7 +466,7 @@ class LlamaPort:
             if drift is not None and node["opName"] == drift.op_name:
                 outputs = rms_norm(node["param"], *inputs, drift=drift.factor)
             else:
-                outputs = KERNELS[node["opType"]](node["param"], *inputs)
+                outputs = self.kernels[node["opType"]](node["param"], *inputs)
             if self.bug == "scale" and node["opName"] == BUGS["scale"].op_name:
                 outputs = [(out.float() * SCALE_ERROR).to(BF16) for out in outputs]
             if self.bug == "rmsnorm_scale" and node["opName"] == BUGS["rmsnorm_scale"].op_name:
@@ -499,7 +510,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="inject a porting bug (default: $PORT_BUG, unset = healthy port)")
     parser.add_argument("--seed", type=int, default=None, help="golden weight seed (default: model.DEFAULT_SEED)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: model.GENERATE_KWARGS")
+    parser.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks (default: $PORT_TP, else 1)")
+    parser.add_argument("--tp-bug", default=os.environ.get("PORT_TP_BUG") or None,
+                        help="a TP-only bug of port_tp.TP_BUGS (default: $PORT_TP_BUG)")
     args = parser.parse_args(argv)
+    if str(args.tp or os.environ.get("PORT_TP") or "1").strip() != "1":
+        return _load_sibling("llama_port_port_tp", "port_tp.py").main(sys.modules[__name__], args)
     if args.bug is not None and args.bug not in BUGS and args.bug not in DRIFTS:
         parser.error(f"PORT_BUG={args.bug!r}: expected one of {', '.join(sorted([*BUGS, *DRIFTS]))}")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:

@@ -19,6 +19,7 @@ from ..formats.detect import is_atb_dump, open_dump
 from . import sides
 from .exact import exact_difference
 from .judge import build_result
+from .merged import compare_split
 from .metrics import PairMetrics, compare_tensors, similarity
 from .output_check import check_outputs, output_rows
 from .plan import CompareOptions, Progress, Task, input_pairs, make_plan
@@ -49,6 +50,7 @@ class TaskResult:
     output_digests: tuple[bytes, bytes] | None = None
     inputs: list[InputError] = field(default_factory=list)
     exact: dict[str, float] | None = None  # integer tensors: how many elements differ (compare/exact.py)
+    shares: list = field(default_factory=list)  # a split op's per-rank ShardShare (compare/merged.py)
 
 
 def _why(exc: BaseException, path) -> str:
@@ -70,6 +72,11 @@ def compare_task(task: Task, options: CompareOptions) -> TaskResult:
     try:
         at = task.golden
         golden = options.golden.load(task.golden)
+        if task.shards:  # the ranks' files of a split op, fed to the pass in rank order
+            at = ";".join(map(str, task.shards))
+            result.metrics, result.shares = compare_split(golden, [options.my.load(f) for f in task.shards],
+                                                          *task.split)
+            return _with_inputs(result, task, options)
         at = task.my
         my = options.my.load(task.my)
         at = f"{task.golden} vs {task.my}"
@@ -82,6 +89,10 @@ def compare_task(task: Task, options: CompareOptions) -> TaskResult:
         return result
     finally:
         golden = my = None  # noqa: F841 - drop the memory maps before the next pair
+    return _with_inputs(result, task, options)
+
+
+def _with_inputs(result: TaskResult, task: Task, options: CompareOptions) -> TaskResult:
     if result.metrics.fail_reason:
         result.reason = result.metrics.fail_reason
     try:
@@ -169,6 +180,12 @@ def compare_dumps(golden, my, options: CompareOptions | None = None, **kwargs) -
         raise TypeError("compare_dumps: pass options= or keyword arguments, not both")
     my_dump = open_dump(my, allow_symlinks=options.my.allow_symlinks)
     torch_vs_atb = isinstance(my_dump, AtbDump) and not is_atb_dump(golden)  # the original question
+    if torch_vs_atb:
+        from .tensor_parallel import compare_tensor_parallel  # a TP run's ranks are compared as one (or rank to rank)
+
+        tp = compare_tensor_parallel(golden, my, options)
+        if tp is not None:
+            return tp
     golden_dump = open_dump(golden, allow_symlinks=options.golden.allow_symlinks)
     options = _with_dump_symlink_policy(options, golden_dump, my_dump)
     by_sides = not torch_vs_atb  # ATB vs ATB, torch vs torch, ATB vs torch: sides.py

@@ -48,8 +48,8 @@ def build_result(plan: Plan, results: Sequence, options: CompareOptions, read_in
             _verdict(row, tolerance)
     for graph in plan.graphs:
         _judge_unpaired_regions(graph.topology, graph.pair_of_task, task_rows)
-    rows = plan.rows + task_rows
-    rows.sort(key=_row_key)
+    rows = plan.rows + task_rows + plan.judge_ranks(task_rows, results, options)
+    rows.sort(key=_order_key if plan.ranks_as_one else _row_key)
     _mark_divergence(rows, plan.checked)
     return CompareResult(rows, plan.unpaired, tolerance, tokens=plan.tokens, golden_root=golden_root,
                          my_root=my_root)
@@ -184,6 +184,12 @@ def _row_key(row: Row):
     # one op's rows (a container's and its child's) tie on order: innermost module first, so it is named first
     return (row.token_id if row.token_id is not None else -1, row.rank, row.order, row.data_id,
             -row.torch_module.count("."), row.torch_module)
+
+
+def _order_key(row: Row):
+    """Ranks compared as one: execution order first, then the merged row, the ranks', the consistency row."""
+    return (row.token_id if row.token_id is not None else -1, row.order, row.data_id,
+            {"merged": 0, "consistency": 2}.get(row.rank, 1), row.rank, row.torch_module)
 
 
 def _mark_divergence(rows: list[Row], checked: set[tuple[str, str]]) -> None:

@@ -111,6 +111,10 @@ class Task:
     sampled: bool = False
     skip: str = ""
     skipped_by_tolerance: bool = False
+    #: a split op of a tensor-parallel run: the ranks' files in rank order (``my`` is the first), compared as their
+    #: concatenation along golden's dim ``split[0]``, starting at ``split[1]`` (compare/merged.py)
+    shards: tuple[Path, ...] = ()
+    split: tuple[int, int] | None = None
 
 
 @dataclass
@@ -131,6 +135,11 @@ class Plan:
     graphs: list[RankGraph]
     checked: set[tuple[str, str]]  # (rank, rel_dir) of graph ops whose output is one of their parts' (judge.py)
     notes: list[str] = field(default_factory=list)  # run-level remarks for the summary (e.g. pairing by identity)
+    ranks_as_one: bool = False  # a tensor-parallel plan (compare/tensor_parallel.py): rows ordered across ranks
+
+    def judge_ranks(self, task_rows: list[Row], results: Sequence, options: "CompareOptions") -> list[Row]:
+        """Verdicts across ranks, once each row is judged: more rows (none here; see TensorParallelPlan)."""
+        return []
 
 
 # ------------------------------------------------------------------------------------------------- file selection

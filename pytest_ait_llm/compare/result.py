@@ -110,14 +110,15 @@ class CompareResult:
             f"{self.my_label}, {sum(1 for u in self.unpaired if u.side == 'torch')} {self.golden_label}",
         ]
         first = self.first_divergence
+        rank = (lambda r: f" [{r.rank}]") if len({r.rank for r in compared}) > 1 else (lambda r: "")  # TP: which
         if first is not None:
-            lines.append(f"first divergence: {first.where}: {first.breach_text()}")
+            lines.append(f"first divergence: {first.where}{rank(first)}: {first.breach_text()}")
         worst = [r for r in self.worst(5) if r.metrics is not None]
         if worst:
             lines.append("worst ops (relative euclidean distance, cosine):")
             for r in worst:
                 lines.append(f"  {r.metric('relative_euclidean_distance'):.3g}  {r.metric('cosine_similarity'):.6f}  {r.where}"
-                             + ("  BREACH" if r.breached else ""))
+                             + rank(r) + ("  BREACH" if r.breached else ""))
         lines.extend(f"note: {n}" for n in self.notes)
         if self.csv_path:
             lines.append(f"report: {self.csv_path}")
@@ -142,7 +143,8 @@ class CompareResult:
         if first is None:
             return "no breach"
         lines = [f"first divergent op: {first.atb_op} ({first.atb_op_name}, {first.my_op_type}) "
-                 f"<-> {self.golden_label} {first.torch_module} ({first.golden_op_type}), token {first.token_id}"]
+                 f"<-> {self.golden_label} {first.torch_module} ({first.golden_op_type}), token {first.token_id}"
+                 + (f" [{first.rank}]" if len({r.rank for r in self.compared}) > 1 else "")]  # ranks: which one
         if first.reason:
             lines.append(f"  {first.reason}")
         for b in first.breaches:

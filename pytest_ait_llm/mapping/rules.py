@@ -111,6 +111,7 @@ def parse_torch_side(text: str) -> Side:
 _BUILTIN: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("LayerNormOperation", ("LayerNorm",)),
     ("LinearOperation", ("Linear",)),
+    ("LinearParallelOperation", ("Linear",)),  # a row-parallel Linear of a tensor-parallel port
     ("CommonLayer_outtensor0", ("GLMBlock_output_0", "BloomBlock_output_0")),
     ("MlpGateLayerV2", ("BloomMLP", "MLP")),
     ("RmsNormOperation", ("RMSNorm",)),

@@ -83,13 +83,15 @@ def worst_ops_table(result: Any, n: int = 10) -> str:
               "")
     head = "<tr>" + "".join(f'<th style="{_CELL};background:{_HEAD_BG};text-align:left">{t}</th>'
                             for t in titles) + "</tr>"
+    ranked = len({r.rank for r in result.compared}) > 1
     body = []
     for r in rows:
         is_first = getattr(r, "first_divergence", False)
         background = _FIRST_BG if is_first else _BREACH_BG if getattr(r, "breached", False) else "#fff"
         style = f"{_CELL};background:{background}"
         breaches = "; ".join(str(b) for b in getattr(r, "breaches", ()) or ())
-        cells = (escape(str(r.order)), escape(str(r.token_id)),
+        token = escape(str(r.token_id)) + (f"<br><small>{escape(r.rank)}</small>" if ranked else "")  # TP: the rank
+        cells = (escape(str(r.order)), token,
                  f"{escape(r.atb_op)}<br><small>{escape(r.my_op_type)}</small>",
                  f"{escape(r.torch_module)}<br><small>{escape(r.golden_op_type)}</small>",
                  _fmt(_metric(r, _COS), 8), _fmt(_metric(r, _RED), 3),
@@ -127,6 +129,8 @@ def _summary_line(result: Any) -> str:
     first = result.first_divergence
     if first is not None:
         text += f"; first divergence: {first.atb_op} ↔ {first.torch_module} (token {first.token_id})"
+        if len({r.rank for r in result.compared}) > 1:
+            text += f" [{first.rank}]"
     return text
 
 
