@@ -52,7 +52,7 @@ def test_healthy_tp_port_passes_with_every_module_paired_right(goldens, tmp_path
     assert result.passed, result.failure_message()
     # split ops are one merged row over every rank's file; replicated ops one row per rank
     for op, (module, kind_of) in truth.items():
-        rows = [r for r in result.compared if r.atb_op == op and r.token_id == 0]
+        rows = [r for r in result.compared if r.atb_op == op and r.token_id == 0 and r.torch_module == module]
         if kind_of == "split":
             assert [r.rank for r in rows] == ["merged"]
             assert len(rows[0].my_path.split(";")) == world
