@@ -64,23 +64,52 @@ def _std(name: str) -> float:
     return WEIGHT_STD["proj"]
 
 
-@torch.no_grad()
-def build_golden(seed: int = DEFAULT_SEED):
-    """``(model, input_ids)``: the float32 golden in eval mode and its prompt, both determined by ``seed``.
+def parameter_shapes(config: dict = CONFIG) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every parameter of ``LlamaForCausalLM(config)``, known without importing transformers."""
+    hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    kv = config["num_key_value_heads"] * (hidden // config["num_attention_heads"])
+    layer = {"input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,),
+             "self_attn.q_proj.weight": (hidden, hidden), "self_attn.k_proj.weight": (kv, hidden),
+             "self_attn.v_proj.weight": (kv, hidden), "self_attn.o_proj.weight": (hidden, hidden),
+             "mlp.gate_proj.weight": (inter, hidden), "mlp.up_proj.weight": (inter, hidden),
+             "mlp.down_proj.weight": (hidden, inter)}
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
+              "lm_head.weight": (vocab, hidden)}
+    for i in range(config["num_hidden_layers"]):
+        shapes.update({f"model.layers.{i}.{name}": shape for name, shape in layer.items()})
+    return shapes
 
-    Every parameter is redrawn, in sorted-name order, from one ``torch.Generator`` seeded with ``seed``; norm
+
+@torch.no_grad()
+def golden_weights(seed: int = DEFAULT_SEED) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``(state_dict, input_ids)`` of the golden of ``seed``, without building it (the port needs no transformers).
+
+    Every parameter is drawn, in sorted-name order, from one ``torch.Generator`` seeded with ``seed``; norm
     weights are ``1 + N(0, 0.1)``, the others ``N(0, std)``. The prompt is ``PROMPT_LENGTH`` ids from the same
     generator.
     """
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, shape in sorted(parameter_shapes().items()):
+        values = torch.randn(shape, generator=generator, dtype=torch.float32) * _std(name)
+        weights[name] = values + 1.0 if "norm" in name else values
+    input_ids = torch.randint(0, CONFIG["vocab_size"], (1, PROMPT_LENGTH), generator=generator)
+    return weights, input_ids
+
+
+@torch.no_grad()
+def build_golden(seed: int = DEFAULT_SEED):
+    """``(model, input_ids)``: the float32 golden in eval mode with the weights and prompt of ``golden_weights``."""
     from transformers import LlamaForCausalLM
 
-    config = llama_config()
-    model = LlamaForCausalLM(config)
-    generator = torch.Generator().manual_seed(seed)
-    for name, param in sorted(model.named_parameters()):
-        values = torch.randn(param.shape, generator=generator, dtype=torch.float32) * _std(name)
-        param.copy_(values + 1.0 if "norm" in name else values)
-    input_ids = torch.randint(0, config.vocab_size, (1, PROMPT_LENGTH), generator=generator)
+    model = LlamaForCausalLM(llama_config())
+    weights, input_ids = golden_weights(seed)
+    params = dict(model.named_parameters())
+    if {n: tuple(p.shape) for n, p in params.items()} != {n: tuple(w.shape) for n, w in weights.items()}:
+        raise RuntimeError("this transformers release names or shapes LlamaForCausalLM's parameters differently "
+                           "from model.parameter_shapes(): update it")
+    for name, param in params.items():
+        param.copy_(weights[name])
     return model.eval(), input_ids
 
 

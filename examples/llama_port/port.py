@@ -494,12 +494,12 @@ class LlamaPort:
 
 def build_port(seed: int | None = None, *, bug: str | None = None, recorder: Any = None,
                max_new_tokens: int | None = None):
-    """``(port, input_ids, max_new_tokens)`` for the golden of ``model.build_golden(seed)``."""
+    """``(port, input_ids, max_new_tokens)`` for the golden of ``model.golden_weights(seed)``."""
     golden = load_golden_module()
-    model, input_ids = golden.build_golden(golden.DEFAULT_SEED if seed is None else seed)
+    weights, input_ids = golden.golden_weights(golden.DEFAULT_SEED if seed is None else seed)
     config = dict(golden.CONFIG)
     max_new = max_new_tokens or golden.GENERATE_KWARGS["max_new_tokens"]
-    port = LlamaPort(model.state_dict(), config, bug=bug, recorder=recorder,
+    port = LlamaPort(weights, config, bug=bug, recorder=recorder,
                      max_seq_len=max(32, input_ids.shape[1] + max_new))
     return port, input_ids, max_new
 

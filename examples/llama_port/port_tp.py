@@ -211,10 +211,10 @@ def main(port, args) -> int:
         print(f"port.py: {err}", file=sys.stderr)
         return 2
     golden = port.load_golden_module()
-    model, input_ids = golden.build_golden(golden.DEFAULT_SEED if args.seed is None else args.seed)
+    weights, input_ids = golden.golden_weights(golden.DEFAULT_SEED if args.seed is None else args.seed)
     max_new = args.max_new_tokens or golden.GENERATE_KWARGS["max_new_tokens"]
     writers = rank_writers(writer, world) if writer is not None else None
-    ports = build_tp_ports(port, model.state_dict(), config, world, bug=args.tp_bug, recorders=writers,
+    ports = build_tp_ports(port, weights, config, world, bug=args.tp_bug, recorders=writers,
                            max_seq_len=max(32, input_ids.shape[1] + max_new))
     for w, p in zip(writers or (), ports):
         w.write_topology(p.topology)
