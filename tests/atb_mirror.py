@@ -20,17 +20,18 @@ MODEL = "LlamaMirrorModel"
 
 
 class _Names:
-    def __init__(self):
-        self.weights = 0
-        self.internal = 0
+    """``{Model}_weight_i`` / ``{Model}_internal_i``: ATB's naming of a model's tensors."""
+
+    def __init__(self, model: str = MODEL):
+        self.model, self.weights, self.internal = model, 0, 0
 
     def weight(self) -> str:
         self.weights += 1
-        return f"{MODEL}_weight_{self.weights - 1}"
+        return f"{self.model}_weight_{self.weights - 1}"
 
     def tensor(self) -> str:
         self.internal += 1
-        return f"{MODEL}_internal_{self.internal - 1}"
+        return f"{self.model}_internal_{self.internal - 1}"
 
 
 def _leaf(name, op_type, param, ins, outs):

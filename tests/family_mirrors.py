@@ -20,35 +20,12 @@ from typing import Callable
 
 import torch
 
+from atb_mirror import _graph, _leaf, _Names  # one naming and node schema for every mirror
 from pytest_ait_llm.dump.atb_writer import AtbDumpWriter
 from pytest_ait_llm.formats.atb_topology import parse_topology
 from pytest_ait_llm.formats.torch_layout import TorchDump
 
 Load = Callable[[str, str], torch.Tensor]  # (module, stem) -> the golden tensor, faults applied
-
-
-class _Names:
-    """``{Model}_weight_i`` / ``{Model}_internal_i`` / ``{Model}_input_i``: ATB's naming of a model's tensors."""
-
-    def __init__(self, model: str):
-        self.model, self.weights, self.internal = model, 0, 0
-
-    def weight(self) -> str:
-        self.weights += 1
-        return f"{self.model}_weight_{self.weights - 1}"
-
-    def tensor(self) -> str:
-        self.internal += 1
-        return f"{self.model}_internal_{self.internal - 1}"
-
-
-def _leaf(name, op_type, param, ins, outs):
-    return {"opName": name, "opType": op_type, "param": param, "inTensors": ins, "outTensors": outs}
-
-
-def _graph(name, op_type, ins, outs, nodes):
-    return {"opName": name, "opType": op_type, "param": "", "inTensors": ins, "outTensors": outs,
-            "internalTensors": [], "nodes": nodes}
 
 
 def golden(module: str, stem: str = "output"):
@@ -57,20 +34,20 @@ def golden(module: str, stem: str = "output"):
 
 # ---------------------------------------------------------------------------------------------------- GPT-NeoX
 
+def _embedding(model: str, module: str):
+    """The port's start: its names, sources, truth and nodes with the token Gather of ``module``, and its output."""
+    n = _Names(model)
+    ids, hidden = f"{model}_input_0", n.tensor()
+    src: dict[str, Callable] = {ids: golden(module, "input_0"), hidden: golden(module)}
+    nodes = [_leaf("GatherOperation_0", "GatherOperation", {"axis": 0}, [n.weight(), ids], [hidden])]
+    return n, src, {"0_GatherOperation": module}, nodes, hidden
+
+
 NEOX = "GptNeoxModel"
 
 
 def build_neox(num_layers: int) -> tuple[dict, dict, dict]:
-    n = _Names(NEOX)
-    src: dict[str, Callable] = {}
-    truth: dict[str, str] = {}
-    nodes = []
-    ids = f"{NEOX}_input_0"
-    src[ids] = golden("root.gpt_neox.embed_in", "input_0")
-    hidden = n.tensor()
-    src[hidden] = golden("root.gpt_neox.embed_in")
-    nodes.append(_leaf("GatherOperation_0", "GatherOperation", {"axis": 0}, [n.weight(), ids], [hidden]))
-    truth["0_GatherOperation"] = "root.gpt_neox.embed_in"
+    n, src, truth, nodes, hidden = _embedding(NEOX, "root.gpt_neox.embed_in")
     for i in range(num_layers):
         top, L = i + 1, f"root.gpt_neox.layers.{i}"
         t = {k: n.tensor() for k in ("ln1", "qkv", "ctx", "attn", "ln2", "h4", "act", "mlp", "sum", "out")}
@@ -127,16 +104,7 @@ GLM = "ChatGlm2Model"
 
 
 def build_chatglm2(config) -> tuple[dict, dict, dict]:
-    n = _Names(GLM)
-    src: dict[str, Callable] = {}
-    truth: dict[str, str] = {}
-    nodes = []
-    ids = f"{GLM}_input_0"
-    src[ids] = golden("root.transformer.embedding.word_embeddings", "input_0")
-    hidden = n.tensor()
-    src[hidden] = golden("root.transformer.embedding.word_embeddings")
-    nodes.append(_leaf("GatherOperation_0", "GatherOperation", {"axis": 0}, [n.weight(), ids], [hidden]))
-    truth["0_GatherOperation"] = "root.transformer.embedding.word_embeddings"
+    n, src, truth, nodes, hidden = _embedding(GLM, "root.transformer.embedding.word_embeddings")
     heads, groups, head_dim = config.num_attention_heads, config.multi_query_group_num, config.kv_channels
     sizes = [heads * head_dim, groups * head_dim, groups * head_dim]
     for i in range(config.num_layers):

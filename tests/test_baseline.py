@@ -7,7 +7,6 @@ pass the baseline) and by 1.005 (a 0.5 % scale error: must fail it, naming that 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import multiprocessing
 import re
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import llama_example
 from pytest_ait_llm.api import run_compare
 from pytest_ait_llm.cli import main
 from pytest_ait_llm.compare.regression import (BaselineError, Margin, RegressionRules, check_regression,
@@ -34,22 +34,12 @@ import pytest_ait_llm.report.plot  # noqa: F401,E402
 
 pytest_plugins = ["pytester"]
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "llama_port"
+EXAMPLE = llama_example.EXAMPLE
 CHANGED_OP = "7_LlamaLayer/0_RmsNormOperation"
 CHANGED_MODULE = "root.model.layers.6.input_layernorm"
 
 
-def _load(name: str, filename: str):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, EXAMPLE / filename)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-golden_module = _load("llama_port_model", "model.py")
-port = _load("llama_port_port", "port.py")
+golden_module, port = llama_example.golden, llama_example.port
 
 
 def _port_dump(out: Path, bug: str | None) -> Path:

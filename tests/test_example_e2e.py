@@ -6,7 +6,6 @@ parsed, and, where Chromium is installed, rendered and looked at as a person wou
 """
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
@@ -15,19 +14,11 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLE = REPO / "examples" / "llama_port"
+from llama_example import EXAMPLE, REPO, load
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-demo = _load("_ait_demo", EXAMPLE / "demo.py")
-screenshot = _load("_ait_report_screenshot", REPO / "scripts" / "report_screenshot.py")
+demo = load("_ait_demo", EXAMPLE / "demo.py")
+screenshot = load("_ait_report_screenshot", REPO / "scripts" / "report_screenshot.py")
 
 
 @pytest.fixture(scope="module")

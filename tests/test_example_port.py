@@ -6,34 +6,21 @@ first. Its topology must be a real dataflow graph, since the compare engine read
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from llama_example import EXAMPLE, golden, port
 from pytest_ait_llm.dump.atb_writer import AtbDumpWriter
 from pytest_ait_llm.formats.atb_bin import read_bin
 from pytest_ait_llm.formats.atb_layout import op_files, open_atb_dump
 from pytest_ait_llm.formats.atb_topology import parse_topology
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "llama_port"
 
 
-def _load(name: str, filename: str):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, EXAMPLE / filename)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-golden = _load("llama_port_model", "model.py")
-port = _load("llama_port_port", "port.py")
 NUM_LAYERS = golden.CONFIG["num_hidden_layers"]
 HIDDEN = golden.CONFIG["hidden_size"]
 

@@ -7,15 +7,13 @@ flips a near-tie at one step of greedy decoding. No mapping file is given anywhe
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from llama_example import EXAMPLE, golden, load, port
 from pytest_ait_llm.api import run_compare
 from pytest_ait_llm.cli import main as cli
 from pytest_ait_llm.compare.result import COMPARED, UNPAIRED
@@ -26,36 +24,12 @@ from pytest_ait_llm.report.html import report_fragment
 
 pytest_plugins = ["pytester"]
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "llama_port"
 #: The step at which the nudged lm_head picks another token: the healthy port's logits there are 85: 4.84 and
 #: 34: 4.72 (a near-tie), and a 5 % larger row for token 34 puts 34 first. Earlier steps keep their winners.
 NUDGED_TOKEN, NUDGE, FLIP_STEP = 34, 1.05, 4
 
 
-def _load(name: str, env: dict[str, str] | None = None):
-    """port.py / model.py under a name of our own; PORT_DTYPE is read when port.py is imported."""
-    if name in sys.modules:
-        return sys.modules[name]
-    filename = "model.py" if name == "llama_port_model" else "port.py"
-    saved = {k: os.environ.get(k) for k in (env or {})}
-    os.environ.update(env or {})
-    try:
-        spec = importlib.util.spec_from_file_location(name, EXAMPLE / filename)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    return module
-
-
-golden = _load("llama_port_model")
-port = _load("llama_port_port")
-port_fp16 = _load("llama_port_port_fp16", {"PORT_DTYPE": "float16"})
+port_fp16 = load("llama_port_port_fp16", EXAMPLE / "port.py", {"PORT_DTYPE": "float16"})
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ everywhere (largest ratio < 1) and the 0.5 % scale drift exceeds it at the op it
 """
 from __future__ import annotations
 
-import importlib.util
 import sys
 import tempfile
 from pathlib import Path
@@ -19,22 +18,15 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
-def _load(name: str, filename: str):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, HERE / filename)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 def main() -> int:
     from pytest_ait_llm.api import run_compare
     from pytest_ait_llm.compare.regression import added_metrics, baseline_from_result, default_margins
     from pytest_ait_llm.dump.atb_writer import AtbDumpWriter
     from pytest_ait_llm.dump.torch_hooks import DumpConfig, register_hook
 
-    golden_module, port = _load("llama_port_model", "model.py"), _load("llama_port_port", "port.py")
+    import port  # this script's folder is sys.path[0]
+
+    golden_module = port.load_golden_module()
     red = "relative_euclidean_distance"
     with tempfile.TemporaryDirectory() as tmp:
         model, input_ids = golden_module.build_golden()

@@ -20,8 +20,8 @@ def _load(name: str, filename: str):
     return sys.modules[name]
 
 
-golden = _load("llama_port_model", "model.py")
 port = _load("llama_port_port", "port.py")
+golden = port.load_golden_module()
 
 
 @pytest.fixture(scope="session")

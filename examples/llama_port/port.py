@@ -76,8 +76,8 @@ BUGS: dict[str, Bug] = {
 _BUG_LAYER = {"rmsnorm_eps": 5, "transposed_weight": 2}
 
 
-def _load_sibling(name: str, filename: str):
-    """A file beside this one, imported under ``name`` once."""
+def load_sibling(name: str, filename: str):
+    """A file beside this one, imported under ``name`` once (a bare ``import model`` could pick up another one)."""
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, HERE / filename)
         module = importlib.util.module_from_spec(spec)
@@ -112,13 +112,7 @@ DRIFTS: dict[str, Drift] = {
 
 def load_golden_module():
     """``model.py`` beside this file, imported under a name that cannot clash with anyone's ``model`` module."""
-    name = "llama_port_model"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, HERE / "model.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_sibling("llama_port_model", "model.py")
 
 
 # ----------------------------------------------------------------------------------------------------- topology
@@ -515,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="a TP-only bug of port_tp.TP_BUGS (default: $PORT_TP_BUG)")
     args = parser.parse_args(argv)
     if str(args.tp or os.environ.get("PORT_TP") or "1").strip() != "1":
-        return _load_sibling("llama_port_port_tp", "port_tp.py").main(sys.modules[__name__], args)
+        return load_sibling("llama_port_port_tp", "port_tp.py").main(sys.modules[__name__], args)
     if args.bug is not None and args.bug not in BUGS and args.bug not in DRIFTS:
         parser.error(f"PORT_BUG={args.bug!r}: expected one of {', '.join(sorted([*BUGS, *DRIFTS]))}")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 port = sys.modules["llama_port_port"]  # port.py, imported under this name by conftest.py
-port_tp = port._load_sibling("llama_port_port_tp", "port_tp.py")
+port_tp = port.load_sibling("llama_port_port_tp", "port_tp.py")
 
 TP = {"PORT_TP": "2"}
 
