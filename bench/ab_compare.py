@@ -2,9 +2,8 @@
 
     .venv/bin/python bench/ab_compare.py [--size 1] [--repeat 3] [--work DIR] [--base CHECKOUT]
 
-Arms: ``A`` this checkout; ``B`` this checkout without input links (every input pair read and measured in the
-workers: does taking linked inputs' error from their producers pay for itself?); ``base`` another checkout (e.g.
-a git worktree of an older commit with its compiled pass built), imported through PYTHONPATH. Each run is a fresh
+Arms: ``A`` this checkout; ``base`` another checkout (e.g. a git worktree of an older commit with its compiled
+pass built), imported through PYTHONPATH. Each run is a fresh
 process timing ``run_compare`` after its imports (as bench_probes' compare probe), the arms interleaved; the fastest
 of each is printed. The dumps are the benchmark's (bench_dumps.make_dumps), kept in --work if given.
 """
@@ -23,9 +22,6 @@ PROBE = """
 import json, sys, time
 import numpy  # noqa: F401 - imported before the clock, as in bench_probes
 from pytest_ait_llm.api import run_compare
-if sys.argv[4] == "B":
-    from pytest_ait_llm.compare import plan
-    plan._link_inputs = lambda *args: None  # no links: every input pair is read in the workers
 start = time.perf_counter()
 run_compare(sys.argv[1], sys.argv[2], output_dir=sys.argv[3])
 print(json.dumps({"seconds": time.perf_counter() - start}))
@@ -51,16 +47,15 @@ def main() -> int:
             golden, my, _ = make_dumps(ModelShape(seq=512 * args.size), work)
             golden, my = str(golden), str(my)
             marker.write_text(json.dumps([golden, my]))
-        arms = ("A", "B") + (("base",) if args.base else ())
+        arms = ("A", "base") if args.base else ("A",)
         best = dict.fromkeys(arms, float("inf"))
         for i in range(args.repeat):
             for arm in arms:
                 env = dict(os.environ, PYTHONPATH=str(args.base if arm == "base" else BENCH.parent))
-                out = subprocess.run([sys.executable, "-c", PROBE, golden, my, str(work / f"out_{arm}_{i}"), arm],
+                out = subprocess.run([sys.executable, "-c", PROBE, golden, my, str(work / f"out_{arm}_{i}")],
                                      capture_output=True, text=True, check=True, env=env)
                 best[arm] = min(best[arm], json.loads(out.stdout.strip().splitlines()[-1])["seconds"])
-        print(f"{args.size}x: A (this checkout) {best['A']:.3f} s; B (no input links: every input read) "
-              f"{best['B']:.3f} s, B/A {best['B'] / best['A']:.2f}"
+        print(f"{args.size}x: A (this checkout) {best['A']:.3f} s"
               + (f"; base {best['base']:.3f} s, A/base {best['A'] / best['base']:.2f}" if args.base else "")
               + f"; load {os.getloadavg()[0]:.2f}")
     return 0
