@@ -57,13 +57,9 @@ GB = 1e9
 
 # ---------------------------------------------------------------------------------------------------- measuring
 
-def list_pairs(golden: Path, my: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]], int]:
-    """(output pairs, input pairs, how many input pairs are linked to a producer's pair), without comparing.
-
-    From the engine's plan: output pairs are the report's rows, input pairs judge each op on the error it adds. A
-    linked input pair takes its producer's error when a sample of its bytes matches (it is then not read through);
-    the others are read in full.
-    """
+def list_pairs(golden: Path, my: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(output pairs, input pairs), without comparing, from the engine's plan: output pairs are the report's rows,
+    input pairs judge each op on the error it adds."""
     from pytest_ait_llm.compare.plan import CompareOptions, input_pairs, make_plan
     from pytest_ait_llm.formats.atb_layout import open_atb_dump
     from pytest_ait_llm.formats.torch_layout import open_torch_dump
@@ -72,13 +68,8 @@ def list_pairs(golden: Path, my: Path) -> tuple[list[tuple[str, str]], list[tupl
     plan = make_plan(open_torch_dump(golden), open_atb_dump(my), options)
     tasks = [t for t in plan.tasks if not t.skip]
     outputs = [(str(t.golden), str(t.my)) for t in tasks]
-    inputs, linked = [], 0
-    for t in tasks:
-        links = dict(t.links)
-        for g, _, m, _, name in input_pairs(t, options):
-            inputs.append((str(g), str(m)))
-            linked += name in links
-    return outputs, inputs, linked
+    inputs = [(str(g), str(m)) for t in tasks for g, _, m, _ in input_pairs(t, options)]
+    return outputs, inputs
 
 
 def _bytes(pairs) -> int:
@@ -133,12 +124,12 @@ def measure_size(shape: ModelShape, factor: int, work: Path, *, original: bool, 
     size_dir = work / f"x{factor}"
     log(f"[{factor}x] building dumps: {shape.describe()}")
     golden, my, times = make_dumps(shape, size_dir)
-    outputs, inputs, linked = list_pairs(golden, my)
+    outputs, inputs = list_pairs(golden, my)
     largest_pair = max(_bytes([p]) for p in outputs + inputs)
     rec: dict = {
         "factor": factor, "shape": dataclasses.asdict(shape), "dump_bytes": times.golden_bytes + times.my_bytes,
         "golden_bytes": times.golden_bytes, "my_bytes": times.my_bytes, "files": times.files,
-        "pairs": len(outputs), "pair_bytes": _bytes(outputs), "input_pairs": len(inputs), "linked_inputs": linked,
+        "pairs": len(outputs), "pair_bytes": _bytes(outputs), "input_pairs": len(inputs),
         "input_pair_bytes": _bytes(inputs), "largest_pair_bytes": largest_pair,
         "dump": dataclasses.asdict(times) | {"dump_s": times.dump_s},
     }
@@ -243,8 +234,7 @@ def render(result: dict) -> str:
         limit = runs["limit"]["seconds"]
         lines += [f"## {s['factor']}x: dump {s['dump_bytes'] / GB:.2f} GB, {s['pairs']} pairs = "
                   f"{s['pair_bytes'] / GB:.2f} GB compared (+{s['input_pairs']} input pairs of "
-                  f"{s['input_pair_bytes'] / GB:.2f} GB to judge added error, {s.get('linked_inputs', 0)} of them "
-                  f"linked to their producer's pair and read only if a byte sample differs); largest pair "
+                  f"{s['input_pair_bytes'] / GB:.2f} GB read to judge added error); largest pair "
                   f"{s['largest_pair_bytes'] / MB:.0f} MB", "",
                   "| measurement | seconds | vs limit | CPU s | peak MB | GB/s |", "|---|---:|---:|---:|---:|---:|"]
         for key, field, label in ROWS:

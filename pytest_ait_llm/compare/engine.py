@@ -7,11 +7,7 @@ naming the file; it never costs the other rows.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-
-import numpy as np
 
 from ..errors import AitLlmError
 from ..formats.atb_layout import AtbDump
@@ -25,19 +21,7 @@ from .output_check import check_outputs, output_rows
 from .plan import CompareOptions, Progress, Task, input_pairs, make_plan
 from .result import CompareResult
 
-__all__ = ["CompareOptions", "TaskResult", "compare_task", "compare_dumps", "sample_digest", "Progress"]
-
-
-@dataclass(frozen=True)
-class InputError:
-    """The error of one input pair of an op: measured (``error``), or to be taken from the producing task
-    ``link`` when its output files have the ``digests`` of these two files (see judge.py)."""
-
-    golden: Path
-    my: Path
-    error: dict[str, float] | None = None
-    link: int | None = None
-    digests: tuple[bytes, bytes] | None = None
+__all__ = ["CompareOptions", "TaskResult", "compare_task", "compare_dumps", "Progress"]
 
 
 @dataclass
@@ -47,8 +31,7 @@ class TaskResult:
     index: int
     metrics: PairMetrics | None = None
     reason: str = ""
-    output_digests: tuple[bytes, bytes] | None = None
-    inputs: list[InputError] = field(default_factory=list)
+    input_errors: list[dict[str, float]] = field(default_factory=list)  # per readable input pair
     exact: dict[str, float] | None = None  # integer tensors: how many elements differ (compare/exact.py)
     shares: list = field(default_factory=list)  # a split op's per-rank ShardShare (compare/merged.py)
 
@@ -82,8 +65,6 @@ def compare_task(task: Task, options: CompareOptions) -> TaskResult:
         at = f"{task.golden} vs {task.my}"
         result.metrics = compare_tensors(golden, my, custom_metrics=options.custom_metrics)
         result.exact = exact_difference(golden, my)
-        if task.sampled:  # its pages were just read: the sample costs no I/O here
-            result.output_digests = (sample_digest(golden), sample_digest(my))
     except Exception as exc:  # noqa: BLE001 - one pair's failure is that row's reason, whatever it is
         result.metrics, result.reason = None, _why(exc, at)
         return result
@@ -96,22 +77,10 @@ def _with_inputs(result: TaskResult, task: Task, options: CompareOptions) -> Tas
     if result.metrics.fail_reason:
         result.reason = result.metrics.fail_reason
     try:
-        result.inputs = _input_errors(task, options)
+        result.input_errors = [e for _, g, _, m in input_pairs(task, options) if (e := _similarity(g, m))]
     except Exception:  # noqa: BLE001 - input error only refines a verdict: unknown is an honest answer
-        result.inputs = []
+        result.input_errors = []
     return result
-
-
-def _input_errors(task: Task, options: CompareOptions) -> list[InputError]:
-    links = dict(task.links)
-    out = []
-    for g_path, g, m_path, m, name in input_pairs(task, options):
-        link = links.get(name) if name else None
-        if link is not None:
-            out.append(InputError(g_path, m_path, link=link, digests=(sample_digest(g), sample_digest(m))))
-        else:
-            out.append(InputError(g_path, m_path, error=_similarity(g, m)))
-    return out
 
 
 def _similarity(golden, my) -> dict[str, float] | None:
@@ -119,41 +88,6 @@ def _similarity(golden, my) -> dict[str, float] | None:
         return similarity(golden, my)
     except Exception:  # noqa: BLE001
         return None
-
-
-def input_error(g_path: Path, m_path: Path, options: CompareOptions) -> dict[str, float] | None:
-    """The error of one input pair, read from its files; None when they cannot be read."""
-    try:
-        return similarity(options.golden.load(g_path), options.my.load(m_path))
-    except Exception:  # noqa: BLE001
-        return None
-
-
-#: Elements compared at each end of two payloads, and windows of SAMPLE_RUN elements spread over the rest.
-SAMPLE_ENDS, SAMPLE_WINDOWS, SAMPLE_RUN = 1024, 16, 64
-
-
-def sample_digest(t) -> bytes:
-    """A digest of a dumped tensor's dtype, shape and a sample of its bytes: two dumps of one tensor with equal
-    digests are taken to hold the same values.
-
-    Only ever compared between an op's input file and the output file of the op that produced it (linked by the
-    topology's tensor names), which are two dumps of one tensor; docs/architecture.md says what a sample misses.
-    The sample is the first and last SAMPLE_ENDS elements and SAMPLE_WINDOWS windows of SAMPLE_RUN in between
-    (~12 KB read, not the payload); a tensor of fewer elements is taken whole.
-    """
-    flat = np.asarray(t.data).reshape(-1)[:t.numel]
-    h = hashlib.blake2b(f"{t.dtype}|{tuple(t.shape)}|{t.numel}|".encode(), digest_size=16)
-    n = flat.size
-    if n <= 2 * SAMPLE_ENDS + SAMPLE_WINDOWS * SAMPLE_RUN:
-        h.update(flat.tobytes())
-        return h.digest()
-    step = (n - 2 * SAMPLE_ENDS) // SAMPLE_WINDOWS
-    runs = [(0, SAMPLE_ENDS), (n - SAMPLE_ENDS, SAMPLE_ENDS)]
-    runs += [(SAMPLE_ENDS + step * k, SAMPLE_RUN) for k in range(SAMPLE_WINDOWS)]
-    for start, count in runs:
-        h.update(flat[start:start + count].tobytes())
-    return h.digest()
 
 
 def _with_dump_symlink_policy(options: CompareOptions, golden, my) -> CompareOptions:
@@ -198,8 +132,7 @@ def compare_dumps(golden, my, options: CompareOptions | None = None, **kwargs) -
     from .parallel import run_tasks  # serial, threads or forked processes
 
     results = run_tasks(plan.tasks, options)
-    result = build_result(plan, results, options, input_error,
-                          golden_root=str(golden_dump.root), my_root=str(my_dump.root))
+    result = build_result(plan, results, options, golden_root=str(golden_dump.root), my_root=str(my_dump.root))
     result.notes = list(plan.notes)
     if by_sides:
         result.golden_label, result.my_label = "A", "B"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Callable, Sequence
+from typing import Sequence
 
 from ..formats.atb_topology import AtbOp
 from ..mapping.pairing import OpPair, is_weight
@@ -16,15 +16,9 @@ from .plan import CompareOptions, Plan
 from .result import COMPARED, SKIPPED, SUSPECT, CompareResult, Row
 from .tolerance import Breach, default_bounds, effective_metrics, judge
 
-_ERRORS = ("cosine_similarity", "relative_euclidean_distance")
-
-
-def build_result(plan: Plan, results: Sequence, options: CompareOptions, read_input_error: Callable,
-                 *, golden_root: str = "", my_root: str = "") -> CompareResult:
-    """The CompareResult of a plan whose tasks were compared into ``results`` (one per task, in task order).
-
-    ``read_input_error(golden, my, options)`` measures an input pair whose linked producer does not hold the same
-    values (see :func:`_input_metrics`)."""
+def build_result(plan: Plan, results: Sequence, options: CompareOptions, *, golden_root: str = "",
+                 my_root: str = "") -> CompareResult:
+    """The CompareResult of a plan whose tasks were compared into ``results`` (one per task, in task order)."""
     tolerance = options.tolerance
     task_rows: list[Row] = []
     for task, res in zip(plan.tasks, results):
@@ -44,7 +38,7 @@ def build_result(plan: Plan, results: Sequence, options: CompareOptions, read_in
     for task, res, row in zip(plan.tasks, results, task_rows):
         if row.status == COMPARED and row.metrics is not None:
             inputs_of = results[source[task.index]] if task.index in source else res
-            row.input_metrics = _input_metrics(inputs_of, results, options, read_input_error)
+            row.input_metrics = _worst(inputs_of.input_errors)
             _verdict(row, tolerance)
     for graph in plan.graphs:
         _judge_unpaired_regions(graph.topology, graph.pair_of_task, task_rows)
@@ -70,22 +64,8 @@ def _container_sources(plan: Plan) -> dict[int, int]:
     return out
 
 
-def _input_metrics(res, results: Sequence, options: CompareOptions, read_input_error: Callable):
-    """The worst error over an op's inputs: lowest cosine, highest relative euclidean distance.
-
-    A linked input takes its producer's output error when both byte samples match (the same tensor dumped twice);
-    else (changed in place after its producer was dumped, or that pair failed) its own files are read."""
-    errors = []
-    for part in res.inputs:
-        error = part.error
-        if part.link is not None:
-            source = results[part.link]
-            if source.metrics is not None and source.metrics.compared and source.output_digests == part.digests:
-                error = {k: source.metrics.values[k] for k in _ERRORS}
-            else:
-                error = read_input_error(part.golden, part.my, options)
-        if error:
-            errors.append(error)
+def _worst(errors: Sequence[dict[str, float]]) -> dict[str, float] | None:
+    """The worst error over an op's inputs: lowest cosine, highest relative euclidean distance."""
     if not errors:
         return None
     return {"cosine_similarity": min(e["cosine_similarity"] for e in errors),

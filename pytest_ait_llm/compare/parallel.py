@@ -45,9 +45,9 @@ def choose_executor(workers: int, tasks: int, *, task_bytes: int | None = None, 
 
 
 def _size(task: Task) -> int:
-    """Bytes a task reads through (its output files; linked inputs are mostly not read)."""
+    """Bytes a task reads through: its output files and its input files."""
     total = 0
-    for path in (task.golden, task.my):
+    for path in (task.golden, task.my, *task.golden_inputs, *task.my_inputs):
         if path:
             try:
                 total += os.path.getsize(path)

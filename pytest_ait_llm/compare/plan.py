@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -94,9 +94,7 @@ class Task:
     """One output tensor pair to compare, and the input files that tell how much error the op received.
 
     ``golden_inputs``: the module's input files; ``my_inputs``: the ATB op's intensor files, named by
-    ``input_names`` (the topology's tensor names). ``links``: input tensor name -> index of the task comparing the
-    output of the op that produced it (its error is taken from there when both samples match, see judge.py);
-    ``sampled``: another task links to this one, so the worker keeps a byte sample digest of its outputs.
+    ``input_names`` (the topology's tensor names, which tell weights from activations).
     ``skip``: why it is not compared (the tolerance's skip list, a missing output file), or "".
     """
 
@@ -107,8 +105,6 @@ class Task:
     golden_inputs: tuple[Path, ...] = ()
     my_inputs: tuple[Path, ...] = ()
     input_names: tuple[str, ...] = ()
-    links: tuple[tuple[str, int], ...] = ()
-    sampled: bool = False
     skip: str = ""
     skipped_by_tolerance: bool = False
     #: a split op of a tensor-parallel run: the ranks' files in rank order (``my`` is the first), compared as their
@@ -183,7 +179,7 @@ def primary_inputs(files: Sequence[Path]) -> list[Path]:
 
 def input_pairs(task: Task, options: CompareOptions, open_golden=None, open_my=None) -> list[tuple]:
     """Match the module's activation inputs to the op's float, non-weight intensors by shape, in order:
-    ``(golden file, its tensor, my file, its tensor, the intensor's name)``.
+    ``(golden file, its tensor, my file, its tensor)``.
 
     These pairs measure the error an op *received*, so that its verdict can rest on the error it *adds*. Each
     side is opened with its own read options (``open_golden``/``open_my`` default to them); a file that cannot
@@ -208,7 +204,7 @@ def input_pairs(task: Task, options: CompareOptions, open_golden=None, open_my=N
         for k, (m, mt, name) in enumerate(mine):
             if k not in used and shapes_compatible(gt.shape, mt.shape):
                 used.add(k)
-                out.append((g, gt, m, mt, name))
+                out.append((g, gt, m, mt))
                 break
     return out
 
@@ -223,7 +219,7 @@ def _try(load, path):
 # ---------------------------------------------------------------------------------------------------- planning
 
 class _Files:
-    """The folder listings of one comparison: pairing, tasks and links ask for the same folders."""
+    """The folder listings of one comparison: pairing and the tasks ask for the same folders."""
 
     def __init__(self, golden: TorchDump, my: AtbDump | None = None):
         self.golden = golden
@@ -284,16 +280,13 @@ def make_plan(golden: TorchDump, my: AtbDump, options: CompareOptions, *, same_k
         plan.checked.update((rank_name, rel) for rel in output_checked_by_a_part(pairing.pairs))
         plan.rows.extend(_unpaired_row(u, rank_name, completion) for u in pairing.unpaired)
         graph = RankGraph(rank_name, topology, {})
-        producers = _producers(topology)
         for token in common:
             token_dir = rank.token_dirs[token]
-            start = len(plan.tasks)
             for pair in pairing.pairs:
                 for task in _tasks(pair, token, token_dir, rank_name, completion[id(pair.atb)], files, options,
                                    len(plan.tasks)):
                     graph.pair_of_task[task.index] = pair
                     plan.tasks.append(task)
-            _link_inputs(plan.tasks, start, producers, token_dir, files)
         plan.graphs.append(graph)
     if rank_errors and not plan.graphs:
         raise rank_errors[0]  # no rank could be read: the comparison as a whole is impossible
@@ -348,45 +341,6 @@ def _tasks(pair: OpPair, token: int, token_dir: Path, rank_name: str, completion
             skip = f"no output tensor dumped for this {'torch module' if g is None else 'ATB op'}"
         out.append(Task(first_index + len(out), row, g, m, skip=skip, skipped_by_tolerance=skipped, **inputs))
     return out
-
-
-def _producers(topology) -> dict[str, list[AtbOp]]:
-    """Tensor name -> the ops that output it: the leaf that writes it and the graph ops it leaves, in topology
-    order (a graph op's output is its last part's)."""
-    out: dict[str, list[AtbOp]] = {}
-    for op in topology.walk():
-        for name in op.out_tensors:
-            out.setdefault(name, []).append(op)
-    return out
-
-
-def _link_inputs(tasks: list[Task], start: int, producers: dict[str, list[AtbOp]], token_dir: Path,
-                 files: _Files) -> None:
-    """Give tasks[start:] (one token of one rank) their ``links``: for each input tensor name, the task that
-    compares an output file of an op producing it, when there is one; that task becomes ``sampled``."""
-    by_my = {str(t.my): t.index for t in tasks[start:] if t.my is not None}
-    found: dict[str, int | None] = {}
-    sampled: set[int] = set()
-    linked: dict[int, tuple] = {}
-    for task in tasks[start:]:
-        links = []
-        for name in task.input_names:
-            if name not in found:
-                found[name] = None
-                for op in producers.get(name, ()) if not is_weight(name) else ():
-                    outs = [f for f in files.atb(token_dir, op).outputs if tensor_name(f, op.out_tensors) == name]
-                    found[name] = by_my.get(str(outs[0])) if outs else None
-                    if found[name] is not None:
-                        break
-            if found[name] is not None:
-                links.append((name, found[name]))
-                sampled.add(found[name])
-        if links:
-            linked[task.index] = tuple(links)
-    for i in range(start, len(tasks)):
-        task = tasks[i]
-        if task.index in linked or task.index in sampled:
-            tasks[i] = replace(task, links=linked.get(task.index, ()), sampled=task.index in sampled)
 
 
 def output_checked_by_a_part(pairs: Sequence[OpPair]) -> set[str]:

@@ -32,8 +32,8 @@ from ..mapping.ranks import (REPLICATED, SPLIT, Distribution, align_shared_targe
 from ..mapping.rules import mapping_table
 from .merged import share_text, worst_shard
 from .metrics import compare_tensors
-from .plan import (CompareOptions, Plan, RankGraph, ReadOptions, Task, _Files as _Listings, _link_inputs, _pick,
-                   _producers, output_checked_by_a_part)
+from .plan import (CompareOptions, Plan, RankGraph, ReadOptions, Task, _Files as _Listings, _pick,
+                   output_checked_by_a_part)
 from .result import COMPARED, UNPAIRED, CompareResult, Row
 from .tolerance import Breach, judge
 
@@ -184,24 +184,18 @@ class TensorParallelPlanner:
         checked = output_checked_by_a_part(pairing.pairs)
         plan.checked.update((name, rel) for name in names for rel in checked)
         graph = RankGraph(MERGED, topology, {})
-        producers = _producers(topology)
         for token in common:
             groups: dict[int, list[tuple[OpPair, Task]]] = {}  # by the rank whose input files a task uses
             for pair in pairing.pairs:
                 for rank, task, group in self._pair_tasks(pair, token, order[id(pair.atb)]):
                     groups.setdefault(rank, []).append((pair, task, group))
-            for rank in sorted(groups):  # a rank's tasks together: their inputs link within that rank's dir
-                start = len(plan.tasks)
+            for rank in sorted(groups):  # a rank's tasks together
                 for pair, task, group in groups[rank]:
                     task = replace(task, index=len(plan.tasks))
                     graph.pair_of_task[task.index] = pair
                     plan.tasks.append(task)
                     if group is not None and self.only is None:
                         plan.replicated_groups.setdefault(group, []).append(task.index)
-                token_dir = self.run.ranks[rank].token_dirs.get(token)
-                if token_dir is not None:
-                    listings = self.listings[rank] if self.golden_ranks else self.listings[0]
-                    _link_inputs(plan.tasks, start, producers, token_dir, listings)
         plan.graphs.append(graph)
         plan.tokens = common
         return plan
@@ -366,14 +360,13 @@ def compare_run(golden: TorchDump, run: RankedRun, options: CompareOptions | Non
                 golden_ranks: Sequence[TorchDump] = ()) -> CompareResult:
     """Compare the TP ``run`` with the single-device ``golden`` (or, with ``golden_ranks``, rank to rank): plan
     here, compare with the usual workers, judge with the usual judge (which calls the plan's judge_ranks)."""
-    from .engine import input_error
     from .judge import build_result
     from .parallel import run_tasks
 
     options = options or CompareOptions()
     plan = TensorParallelPlanner(golden, run, options, golden_ranks).plan()
     results = run_tasks(plan.tasks, options)
-    return build_result(plan, results, options, input_error, golden_root=str(golden.root),
+    return build_result(plan, results, options, golden_root=str(golden.root),
                         my_root=str(run.dump.root))
 
 

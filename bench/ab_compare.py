@@ -1,10 +1,11 @@
-"""A/B: does taking linked inputs' error from their producers (byte-sample digests) pay for itself?
+"""A/B of the compare phase on the benchmark's dumps, for a shared machine where absolute times drift.
 
-    .venv/bin/python bench/ab_input_reuse.py [--size 1] [--repeat 3] [--work DIR]
+    .venv/bin/python bench/ab_compare.py [--size 1] [--repeat 3] [--work DIR] [--base CHECKOUT]
 
-B is the simplest correct engine: no links, so every input pair is read and measured in the workers. Each run is
-a fresh process timing ``run_compare`` after its imports (as bench_probes' compare probe), A and B interleaved;
-the fastest of each is printed. The dumps are the benchmark's (bench_dumps.make_dumps), kept in --work if given.
+Arms: ``A`` this checkout; ``base`` another checkout (e.g. a git worktree of an older commit with its compiled
+pass built), imported through PYTHONPATH. Each run is a fresh
+process timing ``run_compare`` after its imports (as bench_probes' compare probe), the arms interleaved; the fastest
+of each is printed. The dumps are the benchmark's (bench_dumps.make_dumps), kept in --work if given.
 """
 from __future__ import annotations
 
@@ -21,9 +22,6 @@ PROBE = """
 import json, sys, time
 import numpy  # noqa: F401 - imported before the clock, as in bench_probes
 from pytest_ait_llm.api import run_compare
-from pytest_ait_llm.compare import plan
-if sys.argv[4] == "B":
-    plan._link_inputs = lambda *args: None  # no links: every input pair is read in the workers
 start = time.perf_counter()
 run_compare(sys.argv[1], sys.argv[2], output_dir=sys.argv[3])
 print(json.dumps({"seconds": time.perf_counter() - start}))
@@ -35,6 +33,7 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--work", type=Path)
+    ap.add_argument("--base", type=Path, help="another checkout to time as arm 'base'")
     args = ap.parse_args()
     sys.path.insert(0, str(BENCH))
     from bench_dumps import ModelShape, make_dumps
@@ -48,14 +47,17 @@ def main() -> int:
             golden, my, _ = make_dumps(ModelShape(seq=512 * args.size), work)
             golden, my = str(golden), str(my)
             marker.write_text(json.dumps([golden, my]))
-        best = {"A": float("inf"), "B": float("inf")}
+        arms = ("A", "base") if args.base else ("A",)
+        best = dict.fromkeys(arms, float("inf"))
         for i in range(args.repeat):
-            for arm in ("A", "B"):
-                out = subprocess.run([sys.executable, "-c", PROBE, golden, my, str(work / f"out_{arm}_{i}"), arm],
-                                     capture_output=True, text=True, check=True, env=dict(os.environ))
+            for arm in arms:
+                env = dict(os.environ, PYTHONPATH=str(args.base if arm == "base" else BENCH.parent))
+                out = subprocess.run([sys.executable, "-c", PROBE, golden, my, str(work / f"out_{arm}_{i}")],
+                                     capture_output=True, text=True, check=True, env=env)
                 best[arm] = min(best[arm], json.loads(out.stdout.strip().splitlines()[-1])["seconds"])
-        print(f"{args.size}x: A (linked inputs by digest) {best['A']:.3f} s, B (every input read) {best['B']:.3f} s, "
-              f"B/A {best['B'] / best['A']:.2f}; load {os.getloadavg()[0]:.2f}")
+        print(f"{args.size}x: A (this checkout) {best['A']:.3f} s"
+              + (f"; base {best['base']:.3f} s, A/base {best['A'] / best['base']:.2f}" if args.base else "")
+              + f"; load {os.getloadavg()[0]:.2f}")
     return 0
 
 
