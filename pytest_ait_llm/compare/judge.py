@@ -29,7 +29,7 @@ def build_result(plan: Plan, results: Sequence, options: CompareOptions, *, gold
             row.reason, row.passed = task.skip, False
         else:
             row.metrics, row.reason = res.metrics, res.reason
-            if getattr(res, "exact", None):
+            if res.exact:
                 row.extra = dict(res.exact)
             if res.metrics is None:
                 row.passed = False

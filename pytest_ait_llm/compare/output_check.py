@@ -25,6 +25,8 @@ from ..formats.torch_layout import TorchDump
 from .result import Row
 
 OUTPUT_CHECK = "output_check"  # the status of an output-check row
+#: The values an output-check row carries (Row.extra; CSV columns), in order.
+OUTPUT_COLUMNS = ("top1_agreement", "topk_overlap", "logits_kl", "golden_token", "my_token")
 
 #: The k of the top-k overlap.
 TOP_K = 5
@@ -173,8 +175,7 @@ def output_rows(check: OutputCheck) -> list[Row]:
                   my_path=s.b_path, status=OUTPUT_CHECK, rule="output check")
         row.passed = not own and (s.same_token or check.bounds.get("top1", 0.0) <= s.top1)
         row.reason = "; ".join(([] if s.same_token else [f"greedy token differs: A {s.a_token}, B {s.b_token}"]) + own)
-        row.extra = {"top1_agreement": s.top1, "topk_overlap": s.topk, "logits_kl": s.logits_kl,
-                     "golden_token": s.a_token, "my_token": s.b_token}
+        row.extra = dict(zip(OUTPUT_COLUMNS, (s.top1, s.topk, s.logits_kl, s.a_token, s.b_token)))
         rows.append(row)
     return rows
 

@@ -20,6 +20,7 @@ from ..formats.files import OpFiles
 from ..formats.torch_layout import TorchDump, TorchModule
 from ..mapping.identity import pair_same_kind
 from ..mapping.pairing import OpPair, Pairing, Unpaired, is_weight
+from .plan import tensor_name
 
 _PRIMARY_INPUT = re.compile(r"input(_\d+)*|input_hidden_states")
 
@@ -57,7 +58,7 @@ class AtbGolden:
         if op is None or token not in self.token_dirs:
             return OpFiles()
         files = op_files(self.token_dirs[token], op)
-        inputs = [f for f in files.inputs if not is_weight(_name_of(f, op.in_tensors))]
+        inputs = [f for f in files.inputs if not is_weight(tensor_name(f, op.in_tensors) or "")]
         return OpFiles(inputs=inputs, outputs=files.outputs)
 
 
@@ -120,12 +121,6 @@ class TorchMy:
 
     def op_files(self, token_dir: Path, op: AtbOp) -> OpFiles:
         return self.ranks[0].op_files(token_dir, op)
-
-
-def _name_of(path: Path, names) -> str:
-    digits = "".join(ch for ch in Path(path).stem if ch.isdigit())
-    k = int(digits) if digits else -1
-    return names[k] if 0 <= k < len(names) else ""
 
 
 # ------------------------------------------------------------------------------------------------------- sides

@@ -12,7 +12,9 @@ import os
 import time
 from pathlib import Path
 
+from ..compare.exact import EXACT_COLUMNS
 from ..compare.metrics import METRICS
+from ..compare.output_check import OUTPUT_COLUMNS
 from ..compare.result import CompareResult, Row
 from ..formats.safe_io import atomic_write
 
@@ -30,8 +32,7 @@ OUR_COLUMNS = [
 ]
 #: Appended after ours: the exact comparison of integer tensors, and the output check's per-step values (its rows
 #: come first, status "output_check", see compare/output_check.py). Values live in Row.extra.
-INT_AND_OUTPUT_COLUMNS = ["differing_elements", "differing_share", "max_abs_difference",
-                 "top1_agreement", "topk_overlap", "logits_kl", "golden_token", "my_token"]
+INT_AND_OUTPUT_COLUMNS = [*EXACT_COLUMNS, *OUTPUT_COLUMNS]
 
 
 def _num(x) -> str:
