@@ -7,12 +7,17 @@
 For each size it builds the dumps (an HF Llama forward under our hooks, and its ATB-layout bf16 mirror), then
 measures, on the same files and each in its own process:
 
-- limit: every paired file read once, one pass over it (np.sum over a memory map of its payload);
+- limit: every paired file read once, one pass over it (np.sum over a memory map of its payload); and the same
+  over every file the comparison reads (the report's pairs and the input pairs that judge the error an op adds);
 - ours, compare phase: ``run_compare`` after imports, with forked worker processes (the default), threads, serial;
 - ours, CLI: ``python -m pytest_ait_llm compare -gp G -mp M -o OUT`` end to end, start-up included;
+- base (``--base CHECKOUT``): another checkout's compare phase (e.g. a git worktree of an older commit with its
+  compiled pass built), so that two engines are compared in one run on a machine whose speed drifts;
 - original: the original tool's approach (whole-file reads, float32 copies, one pass per metric);
 - the torch-side dump: a forward under our hooks vs the plain forward, against ``torch.save`` of the same tensors.
 
+The package's bytecode is compiled first, as a pip install leaves it (with PYTHONDONTWRITEBYTECODE set, every
+process would otherwise compile the sources again: ~0.25 s of each end-to-end run on the 2-core VM).
 The tables go to stdout and to ``bench/results/bench_{mode}_{timestamp}.md`` (plus a .json with every number).
 Dumps live in a temporary directory (``--work``) and are deleted after each size; the largest default size
 needs about 9 GB of disk while it exists.
@@ -20,6 +25,7 @@ needs about 9 GB of disk while it exists.
 from __future__ import annotations
 
 import argparse
+import compileall
 import dataclasses
 import datetime
 import json
@@ -120,7 +126,7 @@ def _best(runs: list[Measured]) -> Measured:
 
 
 def measure_size(shape: ModelShape, factor: int, work: Path, *, original: bool, repeat: int, cold: bool,
-                 log) -> dict:
+                 log, base: Path | None = None) -> dict:
     size_dir = work / f"x{factor}"
     log(f"[{factor}x] building dumps: {shape.describe()}")
     golden, my, times = make_dumps(shape, size_dir)
@@ -137,13 +143,18 @@ def measure_size(shape: ModelShape, factor: int, work: Path, *, original: bool, 
     log(f"[{factor}x] {len(outputs)} pairs, {rec['pair_bytes'] / GB:.2f} GB compared")
     if not cold:
         _probe("limit", spec, size_dir)  # warm-up: every paired file is now in the page cache
-    jobs = {"limit": lambda: _probe("limit", spec, size_dir)}
+    jobs = {"limit": lambda: _probe("limit", spec, size_dir),
+            "limit_all": lambda: _probe("limit", {"pairs": outputs + inputs}, size_dir)}
     for executor in EXECUTORS:
         out = size_dir / f"out_{executor}"
         jobs[f"compare_{executor}"] = lambda out=out, executor=executor: _probe(
             "compare", {"golden": str(golden), "my": str(my), "out": str(out)}, size_dir,
             {"AIT_LLM_EXECUTOR": executor})
     jobs["cli"] = lambda: _cli(golden, my, size_dir / "out_cli")
+    if base:
+        base_spec = {"golden": str(golden), "my": str(my), "out": str(size_dir / "out_base")}
+        jobs["base"] = lambda: _probe("compare", base_spec, size_dir,
+                                      {"PYTHONPATH": str(base), "AIT_LLM_EXECUTOR": "processes"})
     if original:
         jobs["original"] = lambda: _probe("original", spec, size_dir)
     runs: dict[str, list[Measured]] = {k: [] for k in jobs}
@@ -174,6 +185,14 @@ def _same_csv(size_dir: Path, names) -> bool:
 
 # ---------------------------------------------------------------------------------------------------- reporting
 
+def _commit(checkout: Path) -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=checkout, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+    except OSError:
+        return ""
+
+
 def machine() -> dict:
     cpu = "unknown"
     try:
@@ -187,11 +206,7 @@ def machine() -> dict:
     import torch
 
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-    except OSError:
-        commit = ""
+    commit = _commit(REPO)
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1), "python": platform.python_version(),
             "numpy": numpy.__version__, "torch": torch.__version__, "commit": commit,
             "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE", "(unset)"),
@@ -200,10 +215,12 @@ def machine() -> dict:
 
 ROWS = [  # (run key, which time, label)
     ("limit", "seconds", "limit: read every paired file once, one pass"),
+    ("limit_all", "seconds", "limit over every file the comparison reads (+ input pairs)"),
     ("compare_processes", "seconds", "ours, compare phase (processes, the default)"),
     ("compare_threads", "seconds", "ours, compare phase (threads)"),
     ("compare_serial", "seconds", "ours, compare phase (serial)"),
     ("cli", "wall_s", "ours, `ait-llm compare` CLI end to end"),
+    ("base", "seconds", "base checkout, compare phase (processes)"),
     ("original", "seconds", "original approach, compare phase"),
     ("original", "wall_s", "original approach, end to end (process)"),
 ]
@@ -221,7 +238,8 @@ def render(result: dict) -> str:
              f"- machine: {mach['cpu']}, {mach['cores']} cores, {mach['memory_gib']} GiB; Python {mach['python']}, "
              f"numpy {mach['numpy']}, torch {mach['torch']}; commit {mach['commit']}",
              f"- OPENBLAS_CORETYPE={mach['OPENBLAS_CORETYPE']}, OPENBLAS_L2_SIZE={mach['OPENBLAS_L2_SIZE']}",
-             f"- command: `{result['command']}`",
+             f"- command: `{result['command']}`"
+             + (f"; base checkout {result['base']} at commit {result['base_commit']}" if result.get("base") else ""),
              f"- model: {sizes[0]['shape_text']} at 1x; 2x/4x double/quadruple the sequence", "",
              "Times are wall seconds: a compare phase is the probe's own clock after its imports, an end-to-end row "
              "the whole process. CPU s and peak MB are always the whole process (with its workers); peak MB is the "
@@ -271,7 +289,7 @@ def _sweep(sizes) -> list[str]:
 
 
 def _targets(sizes) -> list[str]:
-    lines = ["## Targets (issue 6)", "", "| size | target | measured | met |", "|---|---|---:|---|"]
+    lines = ["## Targets (issues 6 and 13)", "", "| size | target | measured | met |", "|---|---|---:|---|"]
     for s in sizes:
         r = s["runs"]
         ours, limit, cli = r["compare_processes"]["seconds"], r["limit"]["seconds"], r["cli"]["seconds"]
@@ -284,6 +302,15 @@ def _targets(sizes) -> list[str]:
                          f"{'yes' if orig['seconds'] >= 5 * ours else 'no'} |")
             lines.append(f"| {f} | CLI end to end >= 3x faster than the original end to end | "
                          f"{orig['wall_s'] / cli:.2f}x | {'yes' if orig['wall_s'] >= 3 * cli else 'no'} |")
+        lines.append(f"| {f} | issue 13: compare phase within 2.5x of the limit | {ours / limit:.2f}x | "
+                     f"{'yes' if ours <= 2.5 * limit else 'no'} |")
+        if "original" in r:
+            e2e = r["original"]["wall_s"]
+            lines.append(f"| {f} | issue 13: >= 10x faster than the original end to end | {e2e / cli:.2f}x | "
+                         f"{'yes' if e2e >= 10 * cli else 'no'} |")
+        if "base" in r:
+            lines.append(f"| {f} | compare phase against the base checkout (A/base) | "
+                         f"{ours / r['base']['seconds']:.2f} | - |")
         budget = s["largest_pair_bytes"] / MB + 512
         peak = max(r[k]["peak_mb"] for k in ("compare_processes", "cli"))
         lines.append(f"| {f} | peak memory <= largest pair + 512 MB ({budget:.0f} MB) | {peak:.0f} MB | "
@@ -322,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="evict the dump files from the page cache before every measured run (read from disk)")
     parser.add_argument("--work", type=Path, help="where dumps are built (default: a temporary directory)")
     parser.add_argument("--results", type=Path, default=BENCH / "results", help="where the tables are written")
+    parser.add_argument("--base", type=Path, help="another checkout whose compare phase is measured beside ours")
     parser.set_defaults(mode="default")
     args = parser.parse_args(argv)
 
@@ -334,16 +362,21 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
 
+    compileall.compile_dir(REPO / "pytest_ait_llm", quiet=1)  # as installed: no source compiled in a timed process
+    if args.base:
+        compileall.compile_dir(args.base / "pytest_ait_llm", quiet=1)
     started = time.perf_counter()
     result = {"mode": args.mode, "cold": args.cold, "started": datetime.datetime.now().isoformat(timespec="seconds"),
               "command": "python bench/run_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": machine(), "load_before": _load(), "sizes": []}
+    if args.base:
+        result["base"], result["base_commit"] = str(args.base), _commit(args.base)
     work = Path(tempfile.mkdtemp(prefix="ait_llm_bench_", dir=args.work))
     try:
         for factor in factors:
             sized = dataclasses.replace(shape, seq=shape.seq * factor)
             rec = measure_size(sized, factor, work, original=not args.no_original, log=log, cold=args.cold,
-                               repeat=args.repeat or (2 if args.mode == "default" else 1))
+                               base=args.base, repeat=args.repeat or (2 if args.mode == "default" else 1))
             rec["shape_text"] = dataclasses.replace(shape).describe()
             result["sizes"].append(rec)
     finally:

@@ -43,6 +43,34 @@ def _graph(name, op_type, ins, outs, nodes):
             "internalTensors": [], "nodes": nodes}
 
 
+def layer_children(p, hidden, t, ws, *, column=None, row=("LinearOperation", {"hasBias": False}), heads=4):
+    """The ops of one Llama decoder layer graph (names suffixed ``p``) over tensor names ``t`` and weights ``ws``:
+    ``column`` the q/k/v Linear params; ``row`` the op type and params of o_proj and down_proj (a tensor-parallel
+    rank's LinearParallelOperation); ``heads`` SelfAttention's headNum."""
+    column = column or {"hasBias": False}
+    row_type, row_param = row
+    plain = {"hasBias": False}
+    return [
+        _leaf(f"RmsNormOperation{p}_0", "RmsNormOperation", {"epsilon": 1e-6}, [hidden, ws["ln"]], [t["ln"]]),
+        _leaf(f"LinearOperation{p}_1", "LinearOperation", column, [t["ln"], ws["q"]], [t["q"]]),
+        _leaf(f"LinearOperation{p}_2", "LinearOperation", column, [t["ln"], ws["k"]], [t["k"]]),
+        _leaf(f"LinearOperation{p}_3", "LinearOperation", column, [t["ln"], ws["v"]], [t["v"]]),
+        _leaf(f"SelfAttentionOperation{p}_4", "SelfAttentionOperation", {"headNum": heads},
+              [t["q"], t["k"], t["v"]], [t["ctx"]]),
+        _leaf(f"{row_type}{p}_5", row_type, row_param, [t["ctx"], ws["o"]], [t["o"]]),
+        _leaf(f"ElewiseOperation{p}_6", "ElewiseOperation", {"elewiseType": 8}, [t["o"], hidden], [t["res"]]),
+        _leaf(f"RmsNormOperation{p}_7", "RmsNormOperation", {"epsilon": 1e-6}, [t["res"], ws["ln2"]], [t["ln2"]]),
+        _graph(f"MlpGateLayerV2{p}_8", "MlpGateLayerV2", [t["ln2"], ws["gate"], ws["up"], ws["down"]], [t["mlp"]], [
+            _leaf(f"LinearOperation{p}_8_0", "LinearOperation", plain, [t["ln2"], ws["gate"]], [t["gate"]]),
+            _leaf(f"LinearOperation{p}_8_1", "LinearOperation", plain, [t["ln2"], ws["up"]], [t["up"]]),
+            _leaf(f"ActivationOperation{p}_8_2", "ActivationOperation", {"activationType": 4}, [t["gate"]], [t["act"]]),
+            _leaf(f"ElewiseOperation{p}_8_3", "ElewiseOperation", {"elewiseType": 9}, [t["act"], t["up"]], [t["mul"]]),
+            _leaf(f"{row_type}{p}_8_4", row_type, row_param, [t["mul"], ws["down"]], [t["mlp"]]),
+        ]),
+        _leaf(f"ElewiseOperation{p}_9", "ElewiseOperation", {"elewiseType": 8}, [t["mlp"], t["res"]], [t["out"]]),
+    ]
+
+
 def build(golden: TorchDump, num_layers: int):
     """(topology dict, list of (rel_dir, [input sources], [output sources]), ground truth rel_dir -> module)."""
     n = _Names()
@@ -65,24 +93,7 @@ def build(golden: TorchDump, num_layers: int):
                                       "gate", "up", "act", "mul")}
         ws = {k: n.weight() for k in ("ln", "q", "k", "v", "o", "ln2", "gate", "up", "down")}
         p = f"_{top}"
-        children = [
-            _leaf(f"RmsNormOperation{p}_0", "RmsNormOperation", {"epsilon": 1e-6}, [hidden, ws["ln"]], [t["ln"]]),
-            _leaf(f"LinearOperation{p}_1", "LinearOperation", {"hasBias": False}, [t["ln"], ws["q"]], [t["q"]]),
-            _leaf(f"LinearOperation{p}_2", "LinearOperation", {"hasBias": False}, [t["ln"], ws["k"]], [t["k"]]),
-            _leaf(f"LinearOperation{p}_3", "LinearOperation", {"hasBias": False}, [t["ln"], ws["v"]], [t["v"]]),
-            _leaf(f"SelfAttentionOperation{p}_4", "SelfAttentionOperation", {"headNum": 4}, [t["q"], t["k"], t["v"]], [t["ctx"]]),
-            _leaf(f"LinearOperation{p}_5", "LinearOperation", {"hasBias": False}, [t["ctx"], ws["o"]], [t["o"]]),
-            _leaf(f"ElewiseOperation{p}_6", "ElewiseOperation", {"elewiseType": 8}, [t["o"], hidden], [t["res"]]),
-            _leaf(f"RmsNormOperation{p}_7", "RmsNormOperation", {"epsilon": 1e-6}, [t["res"], ws["ln2"]], [t["ln2"]]),
-            _graph(f"MlpGateLayerV2{p}_8", "MlpGateLayerV2", [t["ln2"], ws["gate"], ws["up"], ws["down"]], [t["mlp"]], [
-                _leaf(f"LinearOperation{p}_8_0", "LinearOperation", {"hasBias": False}, [t["ln2"], ws["gate"]], [t["gate"]]),
-                _leaf(f"LinearOperation{p}_8_1", "LinearOperation", {"hasBias": False}, [t["ln2"], ws["up"]], [t["up"]]),
-                _leaf(f"ActivationOperation{p}_8_2", "ActivationOperation", {"activationType": 4}, [t["gate"]], [t["act"]]),
-                _leaf(f"ElewiseOperation{p}_8_3", "ElewiseOperation", {"elewiseType": 9}, [t["act"], t["up"]], [t["mul"]]),
-                _leaf(f"LinearOperation{p}_8_4", "LinearOperation", {"hasBias": False}, [t["mul"], ws["down"]], [t["mlp"]]),
-            ]),
-            _leaf(f"ElewiseOperation{p}_9", "ElewiseOperation", {"elewiseType": 8}, [t["mlp"], t["res"]], [t["out"]]),
-        ]
+        children = layer_children(p, hidden, t, ws)
         nodes.append(_graph(f"LlamaLayer_{top}", "LlamaLayer", [hidden] + list(ws.values()), [t["out"]], children))
         d = layer_dir
         m = lambda s: (f"{L}.{s}", "output")

@@ -19,20 +19,12 @@ from pathlib import Path
 
 import torch
 
+from atb_mirror import _graph, _leaf, layer_children
 from pytest_ait_llm.dump.atb_writer import AtbDumpWriter
 from pytest_ait_llm.formats.torch_layout import TorchDump
 
 MODEL = "TpMirrorModel"
 PID_BASE = 5000
-
-
-def _leaf(name, op_type, param, ins, outs):
-    return {"opName": name, "opType": op_type, "param": param, "inTensors": ins, "outTensors": outs}
-
-
-def _graph(name, op_type, ins, outs, nodes):
-    return {"opName": name, "opType": op_type, "param": "", "inTensors": ins, "outTensors": outs,
-            "internalTensors": [], "nodes": nodes}
 
 
 def build(num_layers: int, rank: int, world: int, bias: bool):
@@ -62,26 +54,8 @@ def build(num_layers: int, rank: int, world: int, bias: bool):
                                     "gate", "up", "act", "mul")}
         ws = {k: weight() for k in ("ln", "q", "k", "v", "o", "ln2", "gate", "up", "down")}
         linear = {"hasBias": bias, "transposeB": True}
-        children = [
-            _leaf(f"RmsNormOperation{p}_0", "RmsNormOperation", {"epsilon": 1e-6}, [hidden, ws["ln"]], [t["ln"]]),
-            _leaf(f"LinearOperation{p}_1", "LinearOperation", linear, [t["ln"], ws["q"]], [t["q"]]),
-            _leaf(f"LinearOperation{p}_2", "LinearOperation", linear, [t["ln"], ws["k"]], [t["k"]]),
-            _leaf(f"LinearOperation{p}_3", "LinearOperation", linear, [t["ln"], ws["v"]], [t["v"]]),
-            _leaf(f"SelfAttentionOperation{p}_4", "SelfAttentionOperation", {"headNum": 0},
-                  [t["q"], t["k"], t["v"]], [t["ctx"]]),
-            _leaf(f"LinearParallelOperation{p}_5", "LinearParallelOperation", parallel, [t["ctx"], ws["o"]], [t["o"]]),
-            _leaf(f"ElewiseOperation{p}_6", "ElewiseOperation", {"elewiseType": 8}, [t["o"], hidden], [t["res"]]),
-            _leaf(f"RmsNormOperation{p}_7", "RmsNormOperation", {"epsilon": 1e-6}, [t["res"], ws["ln2"]], [t["ln2"]]),
-            _graph(f"MlpGateLayerV2{p}_8", "MlpGateLayerV2", [t["ln2"], ws["gate"], ws["up"], ws["down"]], [t["mlp"]], [
-                _leaf(f"LinearOperation{p}_8_0", "LinearOperation", {"hasBias": False}, [t["ln2"], ws["gate"]], [t["gate"]]),
-                _leaf(f"LinearOperation{p}_8_1", "LinearOperation", {"hasBias": False}, [t["ln2"], ws["up"]], [t["up"]]),
-                _leaf(f"ActivationOperation{p}_8_2", "ActivationOperation", {"activationType": 4}, [t["gate"]], [t["act"]]),
-                _leaf(f"ElewiseOperation{p}_8_3", "ElewiseOperation", {"elewiseType": 9}, [t["act"], t["up"]], [t["mul"]]),
-                _leaf(f"LinearParallelOperation{p}_8_4", "LinearParallelOperation", parallel,
-                      [t["mul"], ws["down"]], [t["mlp"]]),
-            ]),
-            _leaf(f"ElewiseOperation{p}_9", "ElewiseOperation", {"elewiseType": 8}, [t["mlp"], t["res"]], [t["out"]]),
-        ]
+        children = layer_children(p, hidden, t, ws, column=linear, row=("LinearParallelOperation", parallel),
+                                  heads=0)
         nodes.append(_graph(f"DecoderLayer_{top}", "DecoderLayer", [hidden] + list(ws.values()), [t["out"]], children))
         d = f"{top}_DecoderLayer"
         full = lambda s: (f"{L}.{s}" if s else L, "output", False)  # noqa: E731
