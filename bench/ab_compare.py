@@ -52,8 +52,10 @@ def main() -> int:
         for i in range(args.repeat):
             for arm in arms:
                 env = dict(os.environ, PYTHONPATH=str(args.base if arm == "base" else BENCH.parent))
+                # cwd: `python -c` puts the working directory first on sys.path, before PYTHONPATH: run from a
+                # checkout, every arm would import that checkout's package
                 out = subprocess.run([sys.executable, "-c", PROBE, golden, my, str(work / f"out_{arm}_{i}")],
-                                     capture_output=True, text=True, check=True, env=env)
+                                     capture_output=True, text=True, check=True, env=env, cwd=work)
                 best[arm] = min(best[arm], json.loads(out.stdout.strip().splitlines()[-1])["seconds"])
         print(f"{args.size}x: A (this checkout) {best['A']:.3f} s"
               + (f"; base {best['base']:.3f} s, A/base {best['A'] / best['base']:.2f}" if args.base else "")

@@ -44,12 +44,3 @@ def exact_difference(golden: RawTensor, my: RawTensor, *, chunk: int = DEFAULT_C
     return {"differing_elements": float(count), "differing_share": count / total if total else 0.0,
             "max_abs_difference": float(worst)}
 
-
-def describe(values: dict[str, float]) -> str:
-    """One line for a report: "3 of 4096 elements differ (0.073 %), by at most 1"."""
-    share = values["differing_share"]
-    n = int(values["differing_elements"])
-    total = round(n / share) if share else 0
-    if n == 0:
-        return "integer tensors equal"
-    return f"{n} of {total} elements differ ({100 * share:.3g} %), by at most {int(values['max_abs_difference'])}"

@@ -123,8 +123,8 @@ def _softmax_log(x: np.ndarray) -> np.ndarray:
 
 def compare_logits(a: np.ndarray, b: np.ndarray, *, k: int = TOP_K) -> tuple[float, float, float, int, int]:
     """(top-1 agreement, top-k overlap, mean KL(softmax a || softmax b), greedy id of a, of b) for two logits
-    arrays [..., vocab] in float64. When the position counts differ (one side keeps the last position only), the
-    last positions are compared."""
+    arrays [..., vocab] (the KL in float64 whatever their dtype). When the position counts differ (one side keeps
+    the last position only), the last positions are compared."""
     a2 = a.reshape(-1, a.shape[-1])
     b2 = b.reshape(-1, b.shape[-1])
     n = min(len(a2), len(b2))
@@ -138,7 +138,8 @@ def compare_logits(a: np.ndarray, b: np.ndarray, *, k: int = TOP_K) -> tuple[flo
     step = max(1, BLOCK_ELEMENTS // max(1, a2.shape[-1]))
     kl_rows = []
     for start in range(0, n, step):
-        la, lb = _softmax_log(a2[start:start + step]), _softmax_log(b2[start:start + step])
+        la = _softmax_log(a2[start:start + step].astype(np.float64))
+        lb = _softmax_log(b2[start:start + step].astype(np.float64))
         kl_rows.append(np.sum(np.exp(la) * (la - lb), axis=-1))
     kl = float(np.mean(np.concatenate(kl_rows)))
     return top1, overlap, max(0.0, kl), int(top_a[-1]), int(top_b[-1])
@@ -232,8 +233,9 @@ def _logits_files(dump, name: str | None):
 
 
 def _load(path: Path, allow_symlinks, positions: int = MAX_POSITIONS) -> np.ndarray:
-    """The last ``positions`` rows of a logits file as float64 [rows, vocab] (a prefill's full logits would be
-    GBs in float64; the greedy token is the last row's)."""
+    """The last ``positions`` rows of a logits file as [rows, vocab] (a prefill's full logits would be GBs in
+    float64; the greedy token is the last row's): float32 for float32/float16/bfloat16 logits (exact, and half
+    the bytes for the argmax and top-k), float64 otherwise."""
     from ..formats.atb_bin import read_bin
     from ..formats.dtypes import widen
     from ..formats.torch_layout import load_torch_tensor
@@ -245,7 +247,13 @@ def _load(path: Path, allow_symlinks, positions: int = MAX_POSITIONS) -> np.ndar
         raise AitLlmError(f"{path}: logits of shape {list(t.shape)} hold no values")
     rows = t.numel // vocab
     tail = np.asarray(t.data).reshape(-1)[(rows - min(rows, positions)) * vocab:t.numel]
-    return widen(tail, t.dtype).reshape(-1, vocab)
+    if t.dtype == "bfloat16":
+        values = (tail.astype(np.uint32) << 16).view(np.float32)
+    elif t.dtype in ("float32", "float16"):
+        values = tail.astype(np.float32)
+    else:
+        values = widen(tail, t.dtype)
+    return values.reshape(-1, vocab)
 
 
 def check_outputs(a, b, tokens: Sequence[int], bounds: dict[str, float], logits=None) -> OutputCheck:

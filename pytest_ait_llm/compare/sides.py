@@ -9,7 +9,6 @@ around. The engine itself does not care which kinds it compares; the CSV's golde
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from ..errors import LayoutError
@@ -20,9 +19,7 @@ from ..formats.files import OpFiles
 from ..formats.torch_layout import TorchDump, TorchModule
 from ..mapping.identity import pair_same_kind
 from ..mapping.pairing import OpPair, Pairing, Unpaired, is_weight
-from .plan import tensor_name
-
-_PRIMARY_INPUT = re.compile(r"input(_\d+)*|input_hidden_states")
+from .plan import primary_inputs, tensor_name
 
 
 class AtbGolden:
@@ -100,8 +97,7 @@ class TorchRank:
             return OpFiles()
         files = self.dump.module_files(token, op.rel_dir)
         # the activation inputs only: keyword inputs such as masks and rotary tables would be matched by shape
-        inputs = [f for f in files.inputs if _PRIMARY_INPUT.fullmatch(Path(f).stem)]
-        return OpFiles(inputs=inputs, outputs=files.outputs)
+        return OpFiles(inputs=primary_inputs(files.inputs), outputs=files.outputs)
 
 
 class TorchMy:
