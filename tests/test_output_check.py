@@ -87,3 +87,19 @@ def test_a_long_prefill_is_read_from_its_last_positions_only(tmp_path):
     np.save(tmp_path / "output_logits.npy", logits)
     rows = _load(tmp_path / "output_logits.npy", None)
     assert rows.shape == (MAX_POSITIONS, 4) and rows[-1].tolist() == logits[0, -1].tolist()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_low_precision_logits_are_read_exactly_and_the_kl_stays_float64(tmp_path, dtype):
+    from pytest_ait_llm.compare.output_check import _load
+    from pytest_ait_llm.formats.atb_bin import read_bin, write_bin
+    from pytest_ait_llm.formats.dtypes import widen
+
+    rng = np.random.default_rng(3)
+    values = rng.standard_normal((1, 8, 50)).astype(np.float32) * 7
+    path = write_bin(tmp_path / "outtensor0.bin", values, dtype=dtype)
+    rows = _load(path, None)
+    exact = widen(np.asarray(read_bin(path).data), dtype).reshape(-1, 50)
+    assert rows.dtype == np.float32 and np.array_equal(rows.astype(np.float64), exact)
+    # the same numbers as the float64 arrays: top-1, top-k, KL to the last bit
+    assert compare_logits(rows, rows[::-1].copy()) == compare_logits(exact, exact[::-1].copy())
