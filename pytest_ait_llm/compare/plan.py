@@ -244,7 +244,7 @@ def make_plan(golden: TorchDump, my: AtbDump, options: CompareOptions, *, same_k
 
     ``same_kind``: sides shown as golden/my by compare/sides.py (two dumps of one kind, paired by identity; or an
     ATB dump as A and a torch dump as B, paired by the table)."""
-    table = None if same_kind else mapping_table(options.mapping_dir)
+    table = mapping_table(options.mapping_dir)  # once: every rank pairs with it (an ATB A with a torch B too)
     files = _Files(golden, my)
     plan = Plan([], [], [], [], [], set())
     tokens: set[int] = set()
@@ -272,8 +272,7 @@ def make_plan(golden: TorchDump, my: AtbDump, options: CompareOptions, *, same_k
         if same_kind:
             from .sides import pairing as side_pairing
 
-            pairing = side_pairing(golden, rank, files, options, common[0], plan.notes,
-                                   table or mapping_table(options.mapping_dir))
+            pairing = side_pairing(golden, rank, files, options, common[0], plan.notes, table)
         else:
             pairing = pair_ops(topology, golden.tree, table, _shapes_fit(rank, common[0], files, options))
         plan.unpaired.extend(pairing.unpaired)

@@ -14,7 +14,6 @@ from pathlib import Path
 from ..errors import LayoutError
 from ..formats.atb_layout import AtbDump, AtbRank, op_files
 from ..formats.atb_topology import AtbOp, AtbTopology
-from ..formats.detect import ATB, TORCH
 from ..formats.files import OpFiles
 from ..formats.torch_layout import TorchDump, TorchModule
 from ..mapping.identity import pair_same_kind
@@ -24,8 +23,6 @@ from .plan import primary_inputs, tensor_name
 
 class AtbGolden:
     """An ATB dump (one rank of it) on the golden side: each op is a "module" named by its op path."""
-
-    kind = ATB
 
     def __init__(self, dump: AtbDump, rank: AtbRank | None = None):
         self.dump = dump
@@ -102,8 +99,6 @@ class TorchRank:
 
 class TorchMy:
     """A torch dump on the my side: the engine's ``my`` (root, ranks, allow_symlinks)."""
-
-    kind = TORCH
 
     def __init__(self, dump: TorchDump):
         self.dump = dump

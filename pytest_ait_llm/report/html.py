@@ -139,8 +139,9 @@ def report_fragment(result: Any, *, png_path: str | Path | None = None, csv_href
     """The HTML a report shows for one comparison: summary line, CSV link, worst-ops table, error plot."""
     parts = [f'<div class="ait-llm" style="color:{_TEXT}"><p><b>{escape(_summary_line(result))}</b></p>']
     output = getattr(result, "output", None)  # the output check (logits, greedy tokens) comes first
-    if output is not None and output.lines():
-        parts.append(f'<pre class="ait-llm-output" style="color:{_TEXT}">{escape(chr(10).join(output.lines()))}</pre>')
+    lines = output.lines() if output is not None else []
+    if lines:
+        parts.append(f'<pre class="ait-llm-output" style="color:{_TEXT}">{escape(chr(10).join(lines))}</pre>')
     if csv_href:  # the link text is the name of the file it opens
         parts.append(f'<p>per-op CSV: <a href="{escape(csv_href)}" style="color:#0645ad">'
                      f'{escape(Path(csv_href).name)}</a></p>')
